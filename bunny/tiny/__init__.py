@@ -1,0 +1,165 @@
+"""Tiny local assets for tests and the CPU demo: LLM + tokenizer, vision tower, data splits.
+
+`make_tiny_assets(folder)` builds, in seconds and without a network, everything the recipe
+needs in place of Phi-3-mini, SigLIP-so400m and the Bunny datasets. The folder is built under
+a temporary name and renamed into place, with a marker file written last that records the
+seed and sizes, so a second call with the same arguments returns the existing folder and a
+crash never leaves half-made assets behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bunny.fsutil import atomic_output_dir
+from bunny.tiny.data import (
+    FINETUNE_IMAGES,
+    HELDOUT_JSON,
+    PRETRAIN_IMAGES,
+    PRETRAIN_JSON,
+    RECIPE1_JSON,
+    RECIPE2_JSON,
+    check_sizes,
+    write_tiny_datasets,
+)
+from bunny.tiny.models import save_tiny_llm, save_tiny_vision_tower
+
+MARKER = "tiny_assets.json"
+FORMAT_VERSION = 1
+LLM_DIR = "llm"
+VISION_TOWER_DIR = "vision_tower"
+DEFAULT_N_PRETRAIN = 128
+DEFAULT_N_FINETUNE = 128
+DEFAULT_N_HELDOUT = 32
+
+__all__ = ["TinyAssets", "make_tiny_assets", "main"]
+
+
+@dataclass(frozen=True)
+class TinyAssets:
+    """Absolute paths of one complete set of tiny assets.
+
+    `recipe1_data` / `recipe2_data` stand in for bunny_695k.json / bunny_llava_1.4m.json;
+    both, and `heldout_data`, take their images from `finetune_images`.
+    """
+
+    root: Path
+    llm: Path
+    vision_tower: Path
+    pretrain_data: Path
+    pretrain_images: Path
+    recipe1_data: Path
+    recipe2_data: Path
+    finetune_images: Path
+    heldout_data: Path
+
+
+def _assets_in(root: Path) -> TinyAssets:
+    return TinyAssets(
+        root=root,
+        llm=root / LLM_DIR,
+        vision_tower=root / VISION_TOWER_DIR,
+        pretrain_data=root / PRETRAIN_JSON,
+        pretrain_images=root / PRETRAIN_IMAGES,
+        recipe1_data=root / RECIPE1_JSON,
+        recipe2_data=root / RECIPE2_JSON,
+        finetune_images=root / FINETUNE_IMAGES,
+        heldout_data=root / HELDOUT_JSON,
+    )
+
+
+def _file_sizes(root: Path) -> dict[str, int]:
+    return {path.relative_to(root).as_posix(): path.stat().st_size
+            for path in sorted(root.rglob("*")) if path.is_file() and path.name != MARKER}
+
+
+def _why_not_reusable(root: Path, spec: dict[str, int]) -> str | None:
+    """Why `root` cannot be reused for `spec` (None when its marker records `spec` and every file is intact)."""
+    try:
+        marker = json.loads((root / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"it has no readable {MARKER}"
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+        return f"its {MARKER} is malformed"
+    if marker.get("spec") != spec:
+        return f"its {MARKER} records {marker.get('spec')}, not {spec}"
+    for relative, size in marker["files"].items():
+        path = root / relative
+        if not path.is_file() or path.stat().st_size != size:
+            return f"its file {relative} is missing or changed size"
+    return None
+
+
+def _build(root: Path, spec: dict[str, int]) -> None:
+    save_tiny_llm(root / LLM_DIR, spec["seed"])
+    save_tiny_vision_tower(root / VISION_TOWER_DIR, spec["seed"])
+    write_tiny_datasets(root, spec["seed"], spec["n_pretrain"], spec["n_finetune"], spec["n_heldout"])
+    marker: dict[str, Any] = {"spec": spec, "files": _file_sizes(root)}
+    (root / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+
+
+def make_tiny_assets(
+    folder: str | Path,
+    seed: int = 0,
+    n_pretrain: int = DEFAULT_N_PRETRAIN,
+    n_finetune: int = DEFAULT_N_FINETUNE,
+    n_heldout: int = DEFAULT_N_HELDOUT,
+    force: bool = False,
+) -> TinyAssets:
+    """Build (or reuse) tiny assets in `folder`; the same seed gives the same bytes.
+
+    Reuses `folder` when its marker records the same seed and sizes. Refuses a non-empty
+    `folder` that holds anything else, unless `force`, which replaces it atomically.
+    """
+    check_sizes(n_pretrain, n_finetune, n_heldout)
+    root = Path(folder).absolute()
+    spec = {"format": FORMAT_VERSION, "seed": seed, "n_pretrain": n_pretrain,
+            "n_finetune": n_finetune, "n_heldout": n_heldout}
+    if not force:
+        if root.exists() and not root.is_dir():
+            raise FileExistsError(f"{root} exists and is not a folder")
+        if root.is_dir() and any(root.iterdir()):
+            reason = _why_not_reusable(root, spec)
+            if reason is None:
+                return _assets_in(root)
+            raise FileExistsError(f"{root} holds something other than these tiny assets: {reason}; "
+                                  "pass force=True (--force) to replace it")
+    try:
+        with atomic_output_dir(root, overwrite=force or root.exists()) as temp:
+            _build(temp, spec)
+    except FileExistsError:  # another process built the folder meanwhile: fine if it built the same
+        if _why_not_reusable(root, spec) is not None:
+            raise
+    return _assets_in(root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`bunny-tiny OUT_DIR [--seed N] [--force]`: build tiny assets and print their paths."""
+    parser = argparse.ArgumentParser(prog="bunny-tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path, help="folder to build the assets in")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-pretrain", type=int, default=DEFAULT_N_PRETRAIN)
+    parser.add_argument("--n-finetune", type=int, default=DEFAULT_N_FINETUNE, help="records per recipe")
+    parser.add_argument("--n-heldout", type=int, default=DEFAULT_N_HELDOUT)
+    parser.add_argument("--force", action="store_true", help="replace whatever the folder holds")
+    parser.add_argument("--json", action="store_true", help="print the paths as one JSON object")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        assets = make_tiny_assets(args.out_dir, seed=args.seed, n_pretrain=args.n_pretrain,
+                                  n_finetune=args.n_finetune, n_heldout=args.n_heldout, force=args.force)
+    except (FileExistsError, ValueError) as error:
+        parser.error(str(error))
+    paths = {name: str(path) for name, path in asdict(assets).items()}
+    if args.json:
+        print(json.dumps(paths, indent=2))
+    else:
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+        print(f"# ready in {time.perf_counter() - started:.1f} s")
+    return 0

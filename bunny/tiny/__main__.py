@@ -1,0 +1,5 @@
+"""`python -m bunny.tiny OUT_DIR [--seed N] [--force]`."""
+
+from bunny.tiny import main
+
+raise SystemExit(main())

@@ -1,0 +1,257 @@
+"""Tiny assets: deterministic, reusable, loadable offline, and data that says what the image shows."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    SiglipImageProcessor,
+    SiglipVisionModel,
+)
+
+from bunny.tiny import MARKER, TinyAssets, main, make_tiny_assets
+from bunny.tiny.data import COLORS, SHAPES
+
+SMALL = {"n_pretrain": 12, "n_finetune": 16, "n_heldout": 8}
+CAPTION = re.compile(r"^a (small|large) (\w+) (circle|square|triangle) on a (\w+) background\.$")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
+    started = time.perf_counter()
+    built = make_tiny_assets(tmp_path_factory.mktemp("tiny") / "assets", seed=0)
+    seconds = time.perf_counter() - started
+    print(f"\nmake_tiny_assets (default sizes) took {seconds:.2f} s")
+    assert seconds < 20
+    return built
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def records(path: Path) -> list[dict]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# --- determinism and reuse ------------------------------------------------------------------------
+
+def test_same_seed_gives_identical_bytes_and_other_seed_differs(tmp_path: Path) -> None:
+    first = tree_bytes(make_tiny_assets(tmp_path / "a", seed=3, **SMALL).root)
+    second = tree_bytes(make_tiny_assets(tmp_path / "b", seed=3, **SMALL).root)
+    other = tree_bytes(make_tiny_assets(tmp_path / "c", seed=4, **SMALL).root)
+    assert first.keys() == second.keys()
+    assert [name for name in first if first[name] != second[name]] == []
+    for name in ("finetune/bunny_695k_tiny.json", "pretrain/bunny_pretrain_tiny.json",
+                 "llm/model.safetensors", "vision_tower/model.safetensors"):
+        assert first[name] != other[name], name
+    pngs = [name for name in first if name.endswith(".png") and name in other]
+    assert pngs and sum(first[name] != other[name] for name in pngs) > len(pngs) // 2
+    assert first["llm/tokenizer.json"] == other["llm/tokenizer.json"]  # the tokenizer does not depend on the seed
+
+
+def test_reuse_marker_and_force(tmp_path: Path) -> None:
+    folder = tmp_path / "assets"
+    built = make_tiny_assets(folder, seed=1, **SMALL)
+    marker = folder / MARKER
+    spec = json.loads(marker.read_text())["spec"]
+    assert spec == {"format": 1, "seed": 1, **SMALL}
+    stamp = marker.stat().st_mtime_ns
+
+    assert make_tiny_assets(folder, seed=1, **SMALL) == built
+    assert marker.stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+    with pytest.raises(FileExistsError, match="seed"):
+        make_tiny_assets(folder, seed=2, **SMALL)
+    (folder / "llm" / "config.json").unlink()
+    with pytest.raises(FileExistsError, match="llm/config.json"):
+        make_tiny_assets(folder, seed=1, **SMALL)
+
+    rebuilt = make_tiny_assets(folder, seed=2, **SMALL, force=True)
+    assert json.loads(marker.read_text())["spec"]["seed"] == 2
+    assert (rebuilt.llm / "config.json").is_file()
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temp folders left
+
+
+def test_a_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(*args: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("bunny.tiny.write_tiny_datasets", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        make_tiny_assets(tmp_path / "assets", **SMALL)
+    assert list(tmp_path.iterdir()) == []
+
+def test_refuses_foreign_folder_and_bad_sizes(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="force"):
+        make_tiny_assets(tmp_path, **SMALL)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="n_heldout"):
+        make_tiny_assets(tmp_path / "new", n_heldout=0)
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_prints_paths(assets: TinyAssets, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(assets.root), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {name: str(path) for name, path in vars(assets).items()}
+    assert main([str(assets.root)]) == 0
+    assert f"llm: {assets.llm}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(assets.root), "--seed", "9"])  # different seed, same folder, no --force
+    assert "--force" in capsys.readouterr().err
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+def test_llm_and_tokenizer_load_offline_and_run(assets: TinyAssets) -> None:
+    config = AutoConfig.from_pretrained(assets.llm)
+    tokenizer = AutoTokenizer.from_pretrained(assets.llm)
+    model = AutoModelForCausalLM.from_pretrained(assets.llm)
+    assert config.model_type == "phi3" and type(model).__name__ == "Phi3ForCausalLM"
+    shape = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size)
+    assert shape == (64, 2, 4, 128)
+    assert config.vocab_size == len(tokenizer) and not config.tie_word_embeddings
+    assert config.max_position_embeddings >= 512
+    assert config.eos_token_id == config.pad_token_id == tokenizer.eos_token_id == tokenizer.pad_token_id
+    assert tokenizer.eos_token == "<|endoftext|>" and config.bos_token_id == tokenizer.bos_token_id
+    assert list((assets.llm).glob("*.safetensors"))
+
+    batch = tokenizer(["USER: What shape is shown? ASSISTANT: A circle.<|endoftext|>"], return_tensors="pt")
+    assert batch.input_ids[0, 0].item() == tokenizer.bos_token_id
+    with torch.no_grad():
+        out = model(**batch, labels=batch.input_ids)
+    assert out.logits.shape == (1, batch.input_ids.shape[1], len(tokenizer))
+    assert torch.isfinite(out.loss)
+
+
+def test_vision_tower_and_processor_load_offline_and_run(assets: TinyAssets) -> None:
+    processor = SiglipImageProcessor.from_pretrained(assets.vision_tower)
+    assert type(AutoImageProcessor.from_pretrained(assets.vision_tower)) is type(processor)
+    config = AutoConfig.from_pretrained(assets.vision_tower)
+    assert config.model_type == "siglip_vision_model"
+    assert (config.hidden_size, config.num_hidden_layers, config.image_size, config.patch_size) == (32, 2, 32, 8)
+    assert processor.size == {"height": 32, "width": 32} and list(processor.image_mean) == [0.5] * 3
+
+    tower = SiglipVisionModel.from_pretrained(assets.vision_tower)
+    image = Image.open(next(assets.pretrain_images.rglob("*.png")))
+    pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32)
+    with torch.no_grad():
+        hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+    assert hidden[-2].shape == (1, 16, 32)  # the features Bunny projects: 16 patch tokens
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def check_well_formed(rows: list[dict], image_folder: Path) -> None:
+    for row in rows:
+        turns = row["conversations"]
+        assert [turn["from"] for turn in turns] == ["human", "gpt"] * (len(turns) // 2), row["id"]
+        assert all(isinstance(turn["value"], str) and turn["value"] for turn in turns), row["id"]
+        image_tokens = [turn["value"].count("<image>") for turn in turns]
+        if "image" in row:
+            assert (image_folder / row["image"]).is_file(), row["id"]
+            assert image_tokens[0] == 1 and sum(image_tokens) == 1, row["id"]
+        else:
+            assert sum(image_tokens) == 0, row["id"]
+
+
+def test_records_are_well_formed(assets: TinyAssets) -> None:
+    pretrain = records(assets.pretrain_data)
+    recipe1, recipe2, heldout = (records(assets.recipe1_data), records(assets.recipe2_data),
+                                 records(assets.heldout_data))
+    assert (len(pretrain), len(recipe1), len(recipe2), len(heldout)) == (128, 128, 128, 32)
+    check_well_formed(pretrain, assets.pretrain_images)
+    for rows in (recipe1, recipe2, heldout):
+        check_well_formed(rows, assets.finetune_images)
+        text_only = sum("image" not in row for row in rows)
+        assert 0.1 <= text_only / len(rows) <= 0.2
+        assert any(len(row["conversations"]) >= 4 and "image" in row for row in rows)
+        assert any(len(row["conversations"]) == 2 and "image" in row for row in rows)
+    assert all(len(row["conversations"]) == 2 and row["conversations"][0]["value"] == "<image>" for row in pretrain)
+    ids = [row["id"] for rows in (pretrain, recipe1, recipe2, heldout) for row in rows]
+    assert len(ids) == len(set(ids))
+
+    assert recipe1 != recipe2
+    images1 = {row["image"] for row in recipe1 if "image" in row}
+    assert images1 == {row["image"] for row in recipe2 if "image" in row}  # one shared image folder
+    heldout_images = {row["image"] for row in heldout if "image" in row}
+    assert heldout_images and not heldout_images & images1
+    trained_questions = {turn["value"] for row in recipe1 + recipe2 for turn in row["conversations"]}
+    heldout_questions = {turn["value"] for row in heldout if "image" not in row for turn in row["conversations"][::2]}
+    assert heldout_questions and not heldout_questions & trained_questions
+
+    sizes = {Image.open(assets.pretrain_images / row["image"]).size for row in pretrain}
+    assert any(width != height for width, height in sizes) and any(width == height for width, height in sizes)
+
+
+def pixel_truth(path: Path) -> tuple[str, str, str, float]:
+    """(shape, colour, background, shape width / image's short side) read back from the pixels alone."""
+    image = Image.open(path).convert("RGB")
+    counts = image.getcolors()
+    assert counts is not None and len(counts) == 2, path  # background + shape, no anti-aliasing
+    background = next(name for name, rgb in COLORS.items() if rgb in {rgb for _, rgb in counts})
+    shape_count, shape_rgb = next((count, rgb) for count, rgb in counts if rgb != COLORS[background])
+    color = min(COLORS, key=lambda name: max(abs(a - b) for a, b in zip(COLORS[name], shape_rgb)))
+    assert max(abs(a - b) for a, b in zip(COLORS[color], shape_rgb)) <= 12, path
+    rows, columns = (torch.tensor(np.asarray(image)) == torch.tensor(shape_rgb)).all(dim=-1).nonzero().unbind(1)
+    width, height = columns.max() - columns.min() + 1, rows.max() - rows.min() + 1
+    fill = shape_count / (width * height).item()
+    shape = "square" if fill > 0.95 else "circle" if fill > 0.68 else "triangle"
+    return shape, color, background, width.item() / min(image.size)
+
+
+def test_captions_describe_the_pixels(assets: TinyAssets) -> None:
+    for row in records(assets.pretrain_data):
+        size, color, shape, background = CAPTION.match(row["conversations"][1]["value"]).groups()
+        true_shape, true_color, true_background, extent = pixel_truth(assets.pretrain_images / row["image"])
+        assert (shape, color, background) == (true_shape, true_color, true_background), row["id"]
+        assert (extent >= 0.6) if size == "large" else (extent <= 0.5), row["id"]
+
+
+def test_answers_follow_the_image(assets: TinyAssets) -> None:
+    checked = 0
+    for path in (assets.recipe1_data, assets.recipe2_data, assets.heldout_data):
+        for row in records(path):
+            turns = row["conversations"]
+            if "image" not in row:
+                for question, answer in zip(turns[::2], turns[1::2]):
+                    match = re.fullmatch(r"What is (\d+) \+ (\d+)\?", question["value"])
+                    if match:
+                        assert answer["value"].endswith(f"{int(match[1]) + int(match[2])}."), row["id"]
+                continue
+            shape, color, background, _ = pixel_truth(assets.finetune_images / row["image"])
+            for question, answer in zip(turns[::2], turns[1::2]):
+                asked, said = question["value"].replace("<image>", "").strip(), answer["value"].lower()
+                if asked.startswith(("What shape", "Name the shape")):
+                    assert shape in said, row["id"]
+                elif asked.startswith("What color is the") and "background" not in asked:
+                    assert color in said, row["id"]
+                elif "background" in asked:
+                    assert background in said, row["id"]
+                elif asked.startswith("Is there a"):
+                    assert said.startswith("yes") == (f" {shape} " in asked), row["id"]
+                elif asked in ("Describe the image briefly.", "What is in this image?"):
+                    assert f"{color} {shape} on a {background} background" in said, row["id"]
+                checked += 1
+    assert checked > 300
+
