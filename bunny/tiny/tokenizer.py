@@ -67,7 +67,8 @@ def _builtin_corpus() -> Iterator[str]:
         yield (f"How many letters are in the word \"{word}\"? The word \"{word}\" has {len(word)} letters. "
                f"Spell \"{word}\" backwards. \"{word}\" spelled backwards is \"{word[::-1]}\".")
     for word, opposite in zip(OPPOSITES[::2], OPPOSITES[1::2]):
-        yield f"What is the opposite of \"{word}\"? The opposite of \"{word}\" is \"{opposite}\". {opposite.capitalize()}."
+        yield (f"What is the opposite of \"{word}\"? The opposite of \"{word}\" is \"{opposite}\". "
+               f"{opposite.capitalize()}.")
     yield "0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 100 1000"
     yield "Yes, no. Yes! No? (one, two; three: four) - 'five' / six & seven * eight # nine."
 
