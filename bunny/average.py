@@ -1,0 +1,667 @@
+"""Streaming weighted average of model folders (Bunny's final recipe-1/recipe-2 step).
+
+The tutorial loads whole shards of both models, averages them and saves the result, which
+needs three shards' worth of memory and identical shard layouts. Here every input tensor is
+read once by byte offset, in cache-sized chunks, into reused buffers; the weighted sum is
+accumulated in float32 (float64 for float64 inputs) and converted back to the input dtype;
+and the output's safetensors headers are computed up front so the bytes stream straight to
+disk, with reading and writing overlapped with the arithmetic. Peak memory is a few chunk
+buffers (a few MB), whatever the size of the model, of its shards or of its tensors.
+
+Every check (weights, shard presence and integrity, tensor names, shapes, dtypes, the
+output path) runs before the first byte is written, and the output folder only appears,
+through `bunny.fsutil.atomic_output_dir`, once it is complete.
+
+Output layout: `model-0000i-of-0000N.safetensors` shards of at most `max_shard_size` bytes
+(default "5GB", the size of the shards the tutorial's checkpoints come in; a tensor larger
+than that gets a shard of its own) plus `model.safetensors.index.json`, written even when
+N is 1. Every other file of the `inherit_from` input (config, tokenizer, processor,
+generation config, ...) is copied alongside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from bunny.fsutil import atomic_output_dir
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+SHARD_NAME = "model-{index:05d}-of-{total:05d}.safetensors"
+# Weight files never inherited: the input's own shards would contradict the averaged ones.
+WEIGHT_FILE_PATTERN = re.compile(
+    r"(model(-\d+-of-\d+)?\.safetensors|pytorch_model(-\d+-of-\d+)?\.bin)(\.index\.json)?"
+)
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+DEFAULT_TWO_WEIGHTS = (0.3, 0.7)
+# Elements per pipeline step: 1 MB of bf16 per input and 2 MB of float32 accumulator stay
+# in cache between the read, the arithmetic and the write (measured fastest, 2**18..2**22).
+DEFAULT_CHUNK_ELEMENTS = 2**19
+WEIGHT_SUM_TOLERANCE = 1e-6
+MAX_HEADER_BYTES = 100 * 2**20
+MAX_LISTED_NAMES = 10
+
+
+@dataclass(frozen=True)
+class DtypeInfo:
+    itemsize: int
+    torch_dtype: torch.dtype
+    is_float: bool
+
+
+SAFETENSORS_DTYPES: dict[str, DtypeInfo] = {
+    "F64": DtypeInfo(8, torch.float64, True),
+    "F32": DtypeInfo(4, torch.float32, True),
+    "F16": DtypeInfo(2, torch.float16, True),
+    "BF16": DtypeInfo(2, torch.bfloat16, True),
+    "F8_E4M3": DtypeInfo(1, torch.float8_e4m3fn, True),
+    "F8_E5M2": DtypeInfo(1, torch.float8_e5m2, True),
+    "I64": DtypeInfo(8, torch.int64, False),
+    "U64": DtypeInfo(8, torch.uint64, False),
+    "I32": DtypeInfo(4, torch.int32, False),
+    "U32": DtypeInfo(4, torch.uint32, False),
+    "I16": DtypeInfo(2, torch.int16, False),
+    "U16": DtypeInfo(2, torch.uint16, False),
+    "I8": DtypeInfo(1, torch.int8, False),
+    "U8": DtypeInfo(1, torch.uint8, False),
+    "BOOL": DtypeInfo(1, torch.bool, False),
+}
+
+
+class AverageError(ValueError):
+    """An input, weight or output path that makes the average impossible or unsafe."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes lie: `nbytes` bytes at absolute offset `start` of `file`."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model folder's tensors, in file-then-offset order, and the files that hold them."""
+
+    folder: Path
+    tensors: dict[str, TensorEntry]
+    weight_files: frozenset[str]
+
+
+@dataclass(frozen=True)
+class AverageResult:
+    output_dir: Path
+    shard_files: list[str]
+    num_tensors: int
+    total_size: int
+
+
+def _format_names(names: Sequence[str]) -> str:
+    shown = ", ".join(sorted(names)[:MAX_LISTED_NAMES])
+    hidden = len(names) - MAX_LISTED_NAMES
+    return shown + (f" ... and {hidden} more" if hidden > 0 else "")
+
+
+def read_safetensors_header(path: Path) -> list[TensorEntry]:
+    """Parse and check one safetensors file's header against the file's actual size.
+
+    A shard cut short by a failed copy or download is caught here, before any averaging,
+    because every tensor's `data_offsets` must lie inside the file.
+    """
+    if not path.is_file():
+        raise AverageError(f"missing shard: {path}")
+    file_size = path.stat().st_size
+    if file_size < 8:
+        raise AverageError(f"truncated shard {path}: {file_size} bytes, no safetensors header")
+    with open(path, "rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        if header_size > MAX_HEADER_BYTES or 8 + header_size > file_size:
+            raise AverageError(
+                f"truncated or corrupt shard {path}: header claims {header_size} bytes, "
+                f"file has {file_size}"
+            )
+        raw_header = handle.read(header_size)
+    try:
+        header = json.loads(raw_header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AverageError(f"corrupt shard {path}: header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise AverageError(f"corrupt shard {path}: header is not a JSON object")
+    data_start = 8 + header_size
+    entries = []
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
+        except (TypeError, KeyError, ValueError) as exc:
+            raise AverageError(f"corrupt shard {path}: bad header entry for {name}") from exc
+        info = SAFETENSORS_DTYPES.get(dtype)
+        if info is None:
+            raise AverageError(f"shard {path}: tensor {name} has unsupported dtype {dtype}")
+        offsets_ok = isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or not offsets_ok:
+            raise AverageError(f"corrupt shard {path}: bad shape or offsets for {name}")
+        if end - begin != math.prod(shape) * info.itemsize:
+            raise AverageError(
+                f"corrupt shard {path}: {name} spans {end - begin} bytes, "
+                f"its shape {list(shape)} in {dtype} needs {math.prod(shape) * info.itemsize}"
+            )
+        if data_start + end > file_size:
+            raise AverageError(
+                f"truncated shard {path}: {file_size} bytes, but tensor {name} ends at byte "
+                f"{data_start + end}"
+            )
+        entries.append(TensorEntry(name, dtype, shape, path, data_start + begin, end - begin))
+    entries.sort(key=lambda entry: entry.start)
+    return entries
+
+
+def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
+    """Read a model folder's index (or its single `model.safetensors`) and every shard header."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AverageError(f"model folder not found: {folder}")
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise AverageError(f"unreadable index {index_path}: {exc}") from exc
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and Path(v).name == v for v in weight_map.values()
+        ):
+            raise AverageError(f"index {index_path}: weight_map must map tensor names to file names")
+        shard_names = sorted(set(weight_map.values()))
+        weight_files = frozenset([INDEX_NAME, *shard_names])
+    elif (folder / SINGLE_NAME).is_file():
+        weight_map = None
+        shard_names = [SINGLE_NAME]
+        weight_files = frozenset(shard_names)
+    else:
+        raise AverageError(f"{folder} holds neither {INDEX_NAME} nor {SINGLE_NAME}")
+
+    tensors: dict[str, TensorEntry] = {}
+    for shard_name in shard_names:
+        for entry in read_safetensors_header(folder / shard_name):
+            if entry.name in tensors:
+                raise AverageError(
+                    f"{folder}: tensor {entry.name} appears in both "
+                    f"{tensors[entry.name].file.name} and {shard_name}"
+                )
+            tensors[entry.name] = entry
+    if weight_map is not None:
+        misplaced = [n for n, f in weight_map.items() if n not in tensors or tensors[n].file.name != f]
+        unindexed = [n for n in tensors if n not in weight_map]
+        if misplaced:
+            raise AverageError(f"index {index_path}: not in their named shard: {_format_names(misplaced)}")
+        if unindexed:
+            raise AverageError(f"index {index_path}: shards hold unindexed {_format_names(unindexed)}")
+    return Checkpoint(folder, tensors, weight_files)
+
+
+def resolve_weights(
+    weights: Sequence[float] | None, num_models: int, allow_unnormalized: bool = False
+) -> list[float]:
+    """Default 0.3/0.7 for two models; refuse a wrong count, negatives, and a sum other than 1."""
+    if num_models < 2:
+        raise AverageError(f"averaging needs at least two model folders, got {num_models}")
+    if weights is None:
+        if num_models != 2:
+            raise AverageError(f"--weights is required for {num_models} models (default is for two)")
+        weights = DEFAULT_TWO_WEIGHTS
+    weights = [float(w) for w in weights]
+    if len(weights) != num_models:
+        raise AverageError(f"--weights has {len(weights)} values for {num_models} model folders")
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise AverageError(f"--weights must be finite and non-negative, got {weights}")
+    total = sum(weights)
+    if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE and not allow_unnormalized:
+        raise AverageError(
+            f"--weights {weights} sum to {total:g}, not 1 (pass --allow-unnormalized to use them)"
+        )
+    return weights
+
+
+def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
+    """Every input must hold the same tensor names with the same shapes and dtypes."""
+    reference = checkpoints[0]
+    problems = []
+    for other in checkpoints[1:]:
+        only_ref = [n for n in reference.tensors if n not in other.tensors]
+        only_other = [n for n in other.tensors if n not in reference.tensors]
+        if only_ref:
+            problems.append(f"{other.folder} lacks {_format_names(only_ref)}")
+        if only_other:
+            problems.append(f"{other.folder} has extra {_format_names(only_other)}")
+        common = [n for n in reference.tensors if n in other.tensors]
+        shapes = [n for n in common if reference.tensors[n].shape != other.tensors[n].shape]
+        dtypes = [n for n in common if reference.tensors[n].dtype != other.tensors[n].dtype]
+        if shapes:
+            problems.append(f"{other.folder}: shapes differ for {_format_names(shapes)}")
+        if dtypes:
+            problems.append(f"{other.folder}: dtypes differ for {_format_names(dtypes)}")
+    if problems:
+        raise AverageError(
+            f"inputs cannot be averaged (compared with {reference.folder}):\n  "
+            + "\n  ".join(problems)
+        )
+    non_float = [e for e in reference.tensors.values() if not SAFETENSORS_DTYPES[e.dtype].is_float]
+    differing = [
+        e.name
+        for e in non_float
+        if any(_read_bytes(c.tensors[e.name]) != _read_bytes(e) for c in checkpoints[1:])
+    ]
+    if differing:
+        raise AverageError(
+            f"non-float tensors cannot be averaged and differ between inputs: "
+            f"{_format_names(differing)}"
+        )
+
+
+def _read_bytes(entry: TensorEntry) -> bytes:
+    with open(entry.file, "rb") as handle:
+        handle.seek(entry.start)
+        return handle.read(entry.nbytes)
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5 * 10**9, '1GiB' -> 2**30, '500MB', '64KiB' or a plain byte count."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, re.IGNORECASE)
+        if match is None:
+            raise AverageError(f"--max-shard-size {size!r} is not a size like 5GB, 500MB or 2GiB")
+        unit = (match.group(2) or "B").upper()
+        scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+        value = int(float(match.group(1)) * scale)
+    if value <= 0:
+        raise AverageError(f"--max-shard-size must be positive, got {size!r}")
+    return value
+
+
+def plan_shards(entries: Sequence[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:
+    """Group tensors, in order, into shards of at most `max_shard_bytes` (an oversized tensor
+    gets its own); inside a shard, wider dtypes go first so every tensor stays aligned."""
+    shards: list[list[TensorEntry]] = []
+    size = 0
+    for entry in entries:
+        if not shards or (shards[-1] and size + entry.nbytes > max_shard_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return [
+        sorted(shard, key=lambda e: -SAFETENSORS_DTYPES[e.dtype].itemsize) for shard in shards
+    ]
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file whose layout is known in advance: header first, then the
+    tensors' bytes streamed in header order, so no tensor is ever held whole in memory.
+
+    The file is created on the first write (or on close, for a shard of empty tensors)."""
+
+    def __init__(self, path: Path, entries: Sequence[TensorEntry]) -> None:
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for entry in entries:
+            header[entry.name] = {
+                "dtype": entry.dtype,
+                "shape": list(entry.shape),
+                "data_offsets": [offset, offset + entry.nbytes],
+            }
+            offset += entry.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)
+        self.path = path
+        self.expected_bytes = offset
+        self.written_bytes = 0
+        self._header = struct.pack("<Q", len(encoded)) + encoded
+        self._handle: BinaryIO | None = None
+
+    def _open(self) -> BinaryIO:
+        if self._handle is None:
+            self._handle = open(self.path, "wb")
+            self._handle.write(self._header)
+        return self._handle
+
+    def write(self, data: memoryview) -> None:
+        self._open().write(data)
+        self.written_bytes += data.nbytes
+
+    def abort(self) -> None:
+        """Close without the completeness check (the folder is being thrown away)."""
+        if self._handle is not None:
+            self._handle.close()
+
+    def close(self) -> None:
+        self._open().close()
+        if self.written_bytes != self.expected_bytes:
+            raise RuntimeError(
+                f"{self.path}: wrote {self.written_bytes} tensor bytes, expected {self.expected_bytes}"
+            )
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """`count` elements from element `first` of one tensor, read from every input."""
+
+    sources: list[TensorEntry]
+    first: int
+    count: int
+    writer: SafetensorsWriter
+
+    @property
+    def info(self) -> DtypeInfo:
+        return SAFETENSORS_DTYPES[self.sources[0].dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.info.itemsize
+
+
+class ChunkBuffers:
+    """Byte buffers for one chunk in flight (each input's bytes, the output's), grown to the
+    largest chunk seen and then reused, so the steady state allocates nothing."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, role: str, nbytes: int) -> torch.Tensor:
+        buffer = self._buffers.get(role)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = self._buffers[role] = torch.empty(nbytes, dtype=torch.uint8)
+        return buffer[:nbytes]
+
+
+class StreamingAverager:
+    """Three-stage pipeline over chunks: a reader thread fills the next chunk's input buffers
+    while the calling thread averages the current one and a writer thread writes the previous
+    one. Each of the `SLOTS` buffer sets cycles through read -> average -> write.
+
+    Chunks are cache-sized and the arithmetic runs single-threaded: with the two I/O threads
+    sharing the CPU, that measured faster than torch's intra-op threads on large arrays."""
+
+    SLOTS = 3  # one chunk being read, one averaged, one written
+
+    def __init__(self, weights: Sequence[float], chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
+        self.weights = list(weights)
+        self.chunk_elements = chunk_elements
+        self._slots = [ChunkBuffers() for _ in range(self.SLOTS)]
+        self._scratch = ChunkBuffers()
+        self._fds: dict[Path, int] = {}
+
+    def _steps(
+        self, shards: Sequence[tuple[SafetensorsWriter, list[list[TensorEntry]]]]
+    ) -> Iterator[Chunk | SafetensorsWriter]:
+        """Chunks in output order, each shard's writer right after its last chunk (to close)."""
+        for writer, tensors in shards:
+            for sources in tensors:
+                total = sources[0].nbytes // SAFETENSORS_DTYPES[sources[0].dtype].itemsize
+                for first in range(0, total, self.chunk_elements):
+                    yield Chunk(sources, first, min(self.chunk_elements, total - first), writer)
+            yield writer
+
+    def run(self, shards: Sequence[tuple[SafetensorsWriter, list[list[TensorEntry]]]]) -> None:
+        """Write every shard: for each writer, the weighted sum of each tensor's sources.
+
+        Only the chunks in flight are held (not one object per chunk of the model), so memory
+        stays flat however large the model. torch runs single-threaded meanwhile (restored)."""
+        slots = self._slots
+        pending: deque[tuple[Chunk, ChunkBuffers, Future[None], int] | SafetensorsWriter] = deque()
+        writes: deque[tuple[int, Future[None]]] = deque()
+        closes: list[Future[None]] = []
+        started = 0
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        with ThreadPoolExecutor(1, "average-read") as reader, ThreadPoolExecutor(
+            1, "average-write"
+        ) as writer_pool:
+
+            def finish_oldest() -> None:
+                item = pending.popleft()
+                if isinstance(item, SafetensorsWriter):
+                    closes.append(writer_pool.submit(item.close))
+                    return
+                chunk, slot, read, index = item
+                read.result()
+                data = self._average(chunk, slot)
+                writes.append((index, writer_pool.submit(chunk.writer.write, memoryview(data.numpy()))))
+
+            try:
+                for step in self._steps(shards):
+                    if isinstance(step, SafetensorsWriter):
+                        pending.append(step)
+                        continue
+                    while writes and writes[0][0] <= started - len(slots):
+                        writes.popleft()[1].result()  # this slot's previous chunk is written
+                    slot = slots[started % len(slots)]
+                    pending.append((step, slot, reader.submit(self._read, step, slot), started))
+                    started += 1
+                    while sum(not isinstance(item, SafetensorsWriter) for item in pending) > 1:
+                        finish_oldest()  # average chunk n-1 while chunk n is being read
+                while pending:
+                    finish_oldest()
+                for future in [*(future for _, future in writes), *closes]:
+                    future.result()
+            except BaseException:
+                reader.shutdown(cancel_futures=True)
+                writer_pool.shutdown(cancel_futures=True)
+                for writer, _ in shards:
+                    writer.abort()
+                raise
+            finally:
+                torch.set_num_threads(threads)
+                for fd in self._fds.values():
+                    os.close(fd)
+                self._fds.clear()
+
+    def _read(self, chunk: Chunk, slot: ChunkBuffers) -> None:
+        offset = chunk.first * chunk.info.itemsize
+        sources = chunk.sources if chunk.info.is_float else chunk.sources[:1]
+        for index, entry in enumerate(sources):
+            buffer = memoryview(slot.get(f"input{index}", chunk.nbytes).numpy())
+            done = 0
+            while done < chunk.nbytes:
+                if entry.file not in self._fds:
+                    self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
+                got = os.preadv(self._fds[entry.file], [buffer[done:]], entry.start + offset + done)
+                if got == 0:
+                    raise AverageError(f"truncated shard {entry.file}: ran out of bytes in {entry.name}")
+                done += got
+
+    def _average(self, chunk: Chunk, slot: ChunkBuffers) -> torch.Tensor:
+        """Weighted sum of the slot's inputs into its output buffer; returns the bytes."""
+        info = chunk.info
+        if not info.is_float:  # validated identical in every input: pass through
+            return slot.get("input0", chunk.nbytes)
+        dtype = info.torch_dtype
+        acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        widen = dtype != acc_dtype
+        inputs = [slot.get(f"input{i}", chunk.nbytes).view(dtype) for i in range(len(chunk.sources))]
+        output_bytes = slot.get("output", chunk.nbytes)
+        output = output_bytes.view(dtype)
+        if not widen:
+            torch.mul(inputs[0], self.weights[0], out=output)
+            for values, weight in zip(inputs[1:], self.weights[1:]):
+                output.add_(values, alpha=weight)
+            return output_bytes
+        acc_bytes = chunk.count * acc_dtype.itemsize
+        acc = self._scratch.get("acc", acc_bytes).view(acc_dtype)
+        widened = self._scratch.get("widened", acc_bytes).view(acc_dtype)
+        acc.copy_(inputs[0]).mul_(self.weights[0])
+        for values, weight in zip(inputs[1:], self.weights[1:]):
+            # Widen into a reused buffer: a mixed-dtype add_ would allocate one per call.
+            acc.add_(widened.copy_(values), alpha=weight)
+        output.copy_(acc)
+        return output_bytes
+
+
+def copy_non_weight_files(checkpoint: Checkpoint, destination: Path) -> list[str]:
+    """Copy everything but the weights and their index (config, tokenizer, processor, ...)."""
+    copied = []
+    for item in sorted(checkpoint.folder.iterdir()):
+        if item.name in checkpoint.weight_files or WEIGHT_FILE_PATTERN.fullmatch(item.name):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, destination / item.name)
+        else:
+            shutil.copy2(item, destination / item.name)
+        copied.append(item.name)
+    return copied
+
+
+def _check_output_path(output: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    resolved = output.resolve()
+    for folder in inputs:
+        source = folder.resolve()
+        if resolved == source or source in resolved.parents or resolved in source.parents:
+            raise AverageError(f"output {output} overlaps input model folder {folder}")
+    if (output.exists() or output.is_symlink()) and not overwrite:
+        raise AverageError(f"output {output} already exists (pass --overwrite to replace it)")
+
+
+def _check_free_space(output: Path, needed: int) -> None:
+    """Refuse up front rather than fail mid-write (an overwritten output is freed only after)."""
+    existing = output.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise AverageError(
+            f"output {output} needs {needed / 1e9:.2f} GB but {existing} has {free / 1e9:.2f} GB free"
+        )
+
+
+def average_checkpoints(
+    model_dirs: Sequence[str | os.PathLike[str]],
+    output_dir: str | os.PathLike[str],
+    weights: Sequence[float] | None = None,
+    *,
+    inherit_from: int = -1,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    allow_unnormalized: bool = False,
+    overwrite: bool = False,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> AverageResult:
+    """Write Σ weights[i] · model_dirs[i] to `output_dir`, tensor by tensor.
+
+    `inherit_from` indexes `model_dirs`: that input's non-weight files (config, tokenizer,
+    processor, generation config, ...) are copied to the output; the tutorial uses the last
+    (recipe-2). Raises `AverageError` before writing anything if any check fails.
+    """
+    folders = [Path(d) for d in model_dirs]
+    output = Path(output_dir)
+    weights = resolve_weights(weights, len(folders), allow_unnormalized)
+    if not -len(folders) <= inherit_from < len(folders):
+        raise AverageError(f"inherit_from={inherit_from} is not one of the {len(folders)} inputs")
+    max_shard_bytes = parse_size(max_shard_size)
+    _check_output_path(output, folders, overwrite)
+    checkpoints = [read_checkpoint(folder) for folder in folders]
+    check_compatible(checkpoints)
+
+    plan = plan_shards(list(checkpoints[0].tensors.values()), max_shard_bytes)
+    shard_names = [SHARD_NAME.format(index=i + 1, total=len(plan)) for i in range(len(plan))]
+    weight_map = {e.name: name for name, shard in zip(shard_names, plan) for e in shard}
+    total_size = sum(e.nbytes for e in checkpoints[0].tensors.values())
+    _check_free_space(output, total_size)
+    averager = StreamingAverager(weights, chunk_elements)
+    with atomic_output_dir(output, overwrite=overwrite) as temp:
+        copy_non_weight_files(checkpoints[inherit_from], temp)
+        averager.run(
+            [
+                (
+                    SafetensorsWriter(temp / name, shard),
+                    [[c.tensors[e.name] for c in checkpoints] for e in shard],
+                )
+                for name, shard in zip(shard_names, plan)
+            ]
+        )
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (temp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return AverageResult(output, shard_names, len(weight_map), total_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bunny-average",
+        description="Weighted average of model folders, streamed tensor by tensor "
+        "(Bunny's final step: 0.3 x recipe-1 + 0.7 x recipe-2, recipe-2's config).",
+    )
+    parser.add_argument("models", nargs="+", type=Path, help="two or more model folders")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output model folder")
+    parser.add_argument(
+        "-w", "--weights", type=float, nargs="+",
+        help="one weight per model, summing to 1 (default 0.3 0.7 for two models)",
+    )
+    parser.add_argument(
+        "--inherit-from", type=Path,
+        help="the input whose config/tokenizer/other non-weight files the output gets "
+        "(default: the last)",
+    )
+    parser.add_argument(
+        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"largest output shard, e.g. 5GB, 2GiB, 500MB (default {DEFAULT_MAX_SHARD_SIZE})",
+    )
+    parser.add_argument(
+        "--allow-unnormalized", action="store_true", help="accept weights that do not sum to 1"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    inherit_from = -1
+    if args.inherit_from is not None:
+        matches = [i for i, m in enumerate(args.models) if m.resolve() == args.inherit_from.resolve()]
+        if not matches:
+            parser.error(f"--inherit-from {args.inherit_from} is not one of the model folders")
+        inherit_from = matches[0]
+    started = time.perf_counter()
+    try:
+        result = average_checkpoints(
+            args.models,
+            args.output,
+            args.weights,
+            inherit_from=inherit_from,
+            max_shard_size=args.max_shard_size,
+            allow_unnormalized=args.allow_unnormalized,
+            overwrite=args.overwrite,
+        )
+    except AverageError as exc:
+        parser.exit(2, f"bunny-average: error: {exc}\n")
+    print(
+        f"wrote {result.output_dir}: {result.num_tensors} tensors, {result.total_size / 1e9:.2f} GB "
+        f"in {len(result.shard_files)} shard(s), {time.perf_counter() - started:.1f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Crash-safe writes: a folder or a JSON file appears complete or not at all.
+
+A model folder that is half written looks, to a loader or to a resuming pipeline, just like a
+finished one. So every output is built under a temporary name beside its target (same file
+system, so the final rename is atomic), flushed to disk, and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TEMP_MARKER = ".tmp-"
+OLD_MARKER = ".old-"
+
+
+def fsync_path(path: Path) -> None:
+    """Flush one file's or one directory's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root` (and `root` itself) to disk."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            file_path = Path(dirpath) / name
+            if not file_path.is_symlink():
+                fsync_path(file_path)
+        fsync_path(Path(dirpath))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def _sibling(target: Path, marker: str) -> Path:
+    return target.parent / f".{target.name}{marker}{uuid.uuid4().hex[:12]}"
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder that becomes `target` only if the block succeeds.
+
+    On success the folder's contents are fsynced and it is renamed to `target`; with
+    `overwrite`, an existing `target` is first renamed aside and deleted after the swap, so a
+    reader sees either the old or the new folder, never a mix. On any exception (including
+    KeyboardInterrupt) the temporary folder is removed and `target` is left untouched.
+    A process killed outright leaves only a hidden `.<name>.tmp-*` folder behind.
+    """
+    target = Path(target).absolute()
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"output {target} already exists (pass overwrite to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = _sibling(target, TEMP_MARKER)
+    temp.mkdir()
+    try:
+        yield temp
+        fsync_tree(temp)
+        if target.exists() or target.is_symlink():
+            if not overwrite:
+                raise FileExistsError(f"output {target} appeared while it was being written")
+            old = _sibling(target, OLD_MARKER)
+            os.rename(target, old)
+            try:
+                os.rename(temp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            fsync_path(target.parent)
+            _remove(old)
+        else:
+            os.rename(temp, target)
+        fsync_path(target.parent)
+    except BaseException:
+        _remove(temp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` via a fsynced temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _sibling(path, TEMP_MARKER)
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            json.dump(obj, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)

@@ -1,0 +1,265 @@
+"""The merged model in memory: base LLM + vision tower + projector + LoRA, merged in place.
+
+Memory is the point. The base LLM is loaded once, by ``from_pretrained`` in the output dtype
+(one copy of its weights); the tower and the projector are built straight from their weights
+(the run's, or the frozen tower's original folder), so nothing is randomly initialised only to
+be overwritten; the LoRA layers are injected empty (meta tensors) and take the adapter's
+tensors, and ``merge_and_unload`` adds each layer's delta to its weight in place. Nothing is
+loaded twice and nothing is deep-copied.
+
+Every key of the adapter and of ``non_lora_trainables.bin`` is first checked against a
+skeleton of the model on the meta device (no memory, milliseconds), so a mismatch is reported,
+with the keys named, before the base model is loaded at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from bunny.merge.inputs import LoraRun, MergeError
+from bunny.model.projector import build_projector
+from bunny.model.vision_tower import _TOWER_KINDS, VisionTower, read_vision_config
+
+PEFT_PREFIX = "base_model.model."
+TOWER_PREFIX = "model.vision_tower."
+PROJECTOR_PREFIX = "model.mm_projector."
+MAX_LISTED_KEYS = 10
+_ADAPTER_NAME = re.compile(r"\.default(?=\.|$)")
+
+
+@dataclass(frozen=True)
+class CheckedWeights:
+    """The run's weights, checked against the model: keys without the PEFT prefix."""
+
+    non_lora: dict[str, torch.Tensor]
+    adapter: dict[str, torch.Tensor]  # keys as saved (PEFT prefix), for set_peft_model_state_dict
+    lora_config: LoraConfig
+    tower_trained: bool
+    model_keys: frozenset[str]  # the state-dict keys of the merged model
+
+
+def list_keys(keys: Sequence[str]) -> str:
+    shown = ", ".join(sorted(keys)[:MAX_LISTED_KEYS])
+    hidden = len(keys) - MAX_LISTED_KEYS
+    return shown + (f" ... and {hidden} more" if hidden > 0 else "")
+
+
+def model_skeleton(run: LoraRun) -> nn.Module:
+    """The merged model's modules on the meta device: names and shapes, no memory."""
+    with torch.device("meta"):
+        return run.family.causal_lm_class(copy.deepcopy(run.config))
+
+
+def _load_non_lora(run: LoraRun) -> dict[str, torch.Tensor]:
+    try:
+        saved = torch.load(run.non_lora_file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # a torn or foreign file: pickle, zip and storage errors alike
+        raise MergeError(f"unreadable {run.non_lora_file}: {exc}") from exc
+    if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
+        raise MergeError(f"{run.non_lora_file} is not a dict of tensors")
+    return {key.removeprefix(PEFT_PREFIX): value for key, value in saved.items()}
+
+
+def check_non_lora(run: LoraRun, skeleton: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
+    """The non-LoRA trainables, checked: every key is a weight of the model with its shape,
+    the projector is complete, and so is the tower when it was trained (unfrozen)."""
+    state = _load_non_lora(run)
+    expected = skeleton.state_dict()
+    parameters = dict(skeleton.named_parameters())
+    unexpected = [key for key in state if key not in expected]
+    wrong_shape = [
+        f"{key}: file {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
+        for key, value in state.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    tower_trained = any(key.startswith(TOWER_PREFIX) for key in state)
+    if getattr(run.config, "unfreeze_vision_tower", False) and not tower_trained:
+        raise MergeError(
+            f"{run.non_lora_file} holds no vision tower weights, but {run.folder / 'config.json'} says "
+            "unfreeze_vision_tower: the trained tower is lost"
+        )
+    required = [k for k in parameters if k.startswith(PROJECTOR_PREFIX) or (tower_trained and k.startswith(TOWER_PREFIX))]
+    missing = [key for key in required if key not in state]
+    problems = [
+        f"keys that are not weights of the model: {list_keys([PEFT_PREFIX + k for k in unexpected])}" if unexpected else "",
+        f"shapes that do not fit: {list_keys(wrong_shape)}" if wrong_shape else "",
+        f"missing keys: {list_keys([PEFT_PREFIX + k for k in missing])}" if missing else "",
+    ]
+    if any(problems):
+        raise MergeError(f"{run.non_lora_file} does not fit the model of {run.folder / 'config.json'}: "
+                         + "; ".join(p for p in problems if p))
+    return state, tower_trained
+
+
+def check_adapter(run: LoraRun, skeleton: nn.Module) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The adapter's tensors must be exactly those PEFT creates for its config on this model.
+    Injects (meta) LoRA layers into ``skeleton``."""
+    try:
+        lora_config = LoraConfig.from_pretrained(str(run.folder))
+    except (OSError, ValueError, TypeError) as exc:
+        raise MergeError(f"unreadable {run.adapter_config}: {exc}") from exc
+    try:
+        inject_adapter_in_model(lora_config, skeleton, low_cpu_mem_usage=True)
+    except ValueError as exc:
+        raise MergeError(
+            f"{run.adapter_config}: target_modules {lora_config.target_modules!r} do not fit the model: {exc}"
+        ) from exc
+    expected = {
+        _ADAPTER_NAME.sub("", key): value.shape for key, value in skeleton.state_dict().items() if "lora_" in key
+    }
+    try:
+        saved = load_file(run.adapter_weights)
+    except (SafetensorError, OSError) as exc:
+        raise MergeError(f"unreadable {run.adapter_weights}: {exc}") from exc
+    found = {key.removeprefix(PEFT_PREFIX): value for key, value in saved.items()}
+    unexpected = [PEFT_PREFIX + key for key in found if key not in expected]
+    missing = [PEFT_PREFIX + key for key in expected if key not in found]
+    wrong_shape = [
+        f"{PEFT_PREFIX}{key}: file {tuple(value.shape)} vs adapter config {tuple(expected[key])}"
+        for key, value in found.items()
+        if key in expected and value.shape != expected[key]
+    ]
+    problems = [
+        f"keys that fit no LoRA layer of the model: {list_keys(unexpected)}" if unexpected else "",
+        f"missing keys: {list_keys(missing)}" if missing else "",
+        f"shapes that do not fit (r={lora_config.r}): {list_keys(wrong_shape)}" if wrong_shape else "",
+    ]
+    if any(problems):
+        raise MergeError(f"{run.adapter_weights} does not fit the model and {run.adapter_config}: "
+                         + "; ".join(p for p in problems if p))
+    return lora_config, {PEFT_PREFIX + key: value for key, value in found.items()}
+
+
+def check_weights(run: LoraRun) -> CheckedWeights:
+    """Every check of the run's weights against the model, before anything heavy is loaded."""
+    skeleton = model_skeleton(run)
+    model_keys = frozenset(skeleton.state_dict())
+    non_lora, tower_trained = check_non_lora(run, skeleton)
+    lora_config, adapter = check_adapter(run, skeleton)
+    return CheckedWeights(non_lora, adapter, lora_config, tower_trained, model_keys)
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """from_pretrained reports the tower layers that ``VisionTower`` drops as missing: expected
+    here, so the report would only mislead (missing weights that matter are errors below)."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _tower(run: LoraRun, dtype: torch.dtype, tower_path: Path | None, state: dict[str, torch.Tensor]) -> VisionTower:
+    """The vision tower as the run used it: its trained weights from ``state`` (unfrozen), or
+    the original ones from ``tower_path`` (frozen).
+
+    ``from_pretrained`` initialises only what its source lacks: the layers after the feature
+    layer and the head, which ``VisionTower`` then drops. Anything missing that the tower
+    keeps is an error, not a silently random weight."""
+    if tower_path is None:
+        config = dict(run.config.vision_tower_config)
+        config_class, model_class, _ = _TOWER_KINDS[config.pop("model_type")]
+        prefix = TOWER_PREFIX + "vision_tower."
+        source = {"pretrained_model_name_or_path": None, "config": config_class(**config),
+                  "state_dict": {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}}
+        where = str(run.non_lora_file)
+    else:
+        config = read_vision_config(tower_path)
+        model_class = _TOWER_KINDS[config.model_type][1]
+        source = {"pretrained_model_name_or_path": str(tower_path), "config": config}
+        where = f"vision tower {tower_path}"
+    with _quiet_loading():
+        encoder, info = model_class.from_pretrained(**source, dtype=dtype, output_loading_info=True)
+    tower = VisionTower(encoder, run.config.mm_vision_select_layer)
+    lacking = sorted(set(info["missing_keys"]) & set(tower.vision_tower.state_dict()))
+    if lacking:
+        raise MergeError(f"{where} lacks weights of the tower: {list_keys(lacking)}")
+    return tower
+
+
+def _trained_projector(run: LoraRun, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    with torch.device("meta"):
+        projector = build_projector(run.config.mm_projector_type, run.config.mm_hidden_size, run.config.hidden_size)
+    weights = {key.removeprefix(PROJECTOR_PREFIX): value.to(dtype) for key, value in state.items() if key.startswith(PROJECTOR_PREFIX)}
+    projector.load_state_dict(weights, assign=True)
+    return projector
+
+
+def load_unmerged_model(
+    run: LoraRun, model_base: Path, weights: CheckedWeights, tower_path: Path | None, dtype: torch.dtype
+) -> nn.Module:
+    """The Bunny model as trained, adapter not yet applied: base LLM weights, the tower
+    (trained: from the run; frozen: from ``tower_path``) and the non-LoRA trainables.
+
+    The LLM is loaded without its vision modules (a config without ``vision_tower_config``),
+    which are then built straight from their weights: nothing is randomly initialised only
+    to be overwritten (a so400m tower would cost seconds of it)."""
+    llm_config = copy.deepcopy(run.config)
+    llm_config.vision_tower_config = None
+    with _quiet_loading():
+        model, info = run.family.causal_lm_class.from_pretrained(
+            str(model_base), config=llm_config, dtype=dtype, output_loading_info=True
+        )
+    missing = sorted(info["missing_keys"])
+    mismatched = [str(item) for item in info.get("mismatched_keys", [])]
+    if missing or mismatched:
+        raise MergeError(
+            f"--model-base {model_base}: its weights do not fit the model "
+            + "; ".join(p for p in (
+                f"missing {list_keys(missing)}" if missing else "",
+                f"mismatched {list_keys(mismatched)}" if mismatched else "",
+            ) if p)
+        )
+    model.config.vision_tower_config = run.config.vision_tower_config
+    bunny = model.get_model()
+    bunny.vision_tower = _tower(run, dtype, tower_path, weights.non_lora)
+    bunny.mm_projector = _trained_projector(run, weights.non_lora, dtype)
+    state = model.state_dict()
+    with torch.no_grad():  # any other non-LoRA trainable (none in Bunny's recipes) goes over the base
+        for key, value in weights.non_lora.items():
+            if not key.startswith((TOWER_PREFIX, PROJECTOR_PREFIX)):
+                state[key].copy_(value)
+    return model.eval()
+
+
+def merge_adapter(model: nn.Module, weights: CheckedWeights) -> nn.Module:
+    """Apply the adapter to ``model`` in place and fold it into the weights.
+
+    Adapter tensors narrower than the model (a bf16 adapter on a float32 merge) are widened
+    first, so each delta is computed and rounded once, in the output precision."""
+    dtype = next(model.parameters()).dtype
+    adapter = {
+        key: value.to(torch.promote_types(value.dtype, dtype)) if value.is_floating_point() else value
+        for key, value in weights.adapter.items()
+    }
+    with warnings.catch_warnings():  # PEFT calls a transformers method deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, weights.lora_config, low_cpu_mem_usage=True)
+    set_peft_model_state_dict(peft_model, adapter, low_cpu_mem_usage=True)
+    left_empty = [name for name, param in peft_model.named_parameters() if param.is_meta]
+    if left_empty:
+        raise MergeError(f"adapter tensors were not loaded: {list_keys(left_empty)}")
+    merged = peft_model.merge_and_unload()
+    keys = set(merged.state_dict())
+    if keys != weights.model_keys:
+        raise RuntimeError(
+            "the merged model's weights differ from the model's own layout: "
+            f"extra {list_keys(sorted(keys - weights.model_keys))}, "
+            f"missing {list_keys(sorted(weights.model_keys - keys))}"
+        )
+    return merged

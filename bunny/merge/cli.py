@@ -1,0 +1,69 @@
+"""``bunny-merge`` / ``python -m bunny.merge``: the tutorial's merge command.
+
+    python -m bunny.merge --model-path ./checkpoints-phi-3/bunny-lora-phi-3-recipe-1 \\
+        --model-base /path/to/microsoft/Phi-3-mini-4k-instruct --model-type phi-3 \\
+        --save-model-path ./checkpoints-phi-3/bunny-phi-3-recipe-1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Sequence
+
+from bunny.average import DEFAULT_MAX_SHARD_SIZE
+from bunny.merge.inputs import DTYPES, MergeError
+from bunny.merge.merger import merge_lora
+from bunny.model.families import FAMILIES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bunny-merge",
+        description="Merge a Bunny LoRA run (its output folder or a checkpoint-* in it) into its base LLM "
+        "and save a complete, self-contained model folder.",
+    )
+    parser.add_argument("--model-path", required=True, help="LoRA output folder or one of its checkpoint-* folders")
+    parser.add_argument("--model-base", required=True, help="the base LLM's folder (as --model_name_or_path in training)")
+    parser.add_argument("--save-model-path", required=True, help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--model-type", choices=sorted(FAMILIES), help="LLM family (default: the run's own)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="output precision (default: the run's training dtype)")
+    parser.add_argument(
+        "--vision-tower",
+        help="folder of the frozen vision tower, when it moved from the path the run recorded "
+        "(an unfrozen tower's weights come from the run itself)",
+    )
+    parser.add_argument(
+        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+        help=f"largest weight shard, e.g. 5GB, 2GiB, 500MB (default {DEFAULT_MAX_SHARD_SIZE})",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    started = time.perf_counter()
+    try:
+        result = merge_lora(
+            args.model_path,
+            args.model_base,
+            args.save_model_path,
+            args.model_type,
+            dtype=args.dtype,
+            vision_tower=args.vision_tower,
+            overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+        )
+    except MergeError as exc:
+        parser.exit(2, f"bunny-merge: error: {exc}\n")
+    tower = "trained, from the run" if result.tower_trained else "frozen, from its original folder"
+    print(
+        f"wrote {result.output_dir}: {result.num_tensors} tensors, {result.total_size / 1e9:.2f} GB "
+        f"{str(result.dtype).removeprefix('torch.')} in {len(result.shard_files)} shard(s) (vision tower {tower}), "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+    return 0

@@ -1,0 +1,94 @@
+"""Writing a model's weights as safetensors shards plus their index, straight from memory.
+
+``safetensors.torch.save_file`` first serialises a whole shard into one bytes object: a
+5 GB shard would need 5 GB more memory than the model itself. Here the header is computed
+from shapes and dtypes alone and each tensor's own memory is written to the file as is, so
+saving costs no memory beyond the model.
+
+Layout (the same as ``bunny.average`` writes): ``model-0000i-of-0000N.safetensors`` shards of
+at most ``max_shard_bytes`` (a larger tensor gets a shard of its own) and
+``model.safetensors.index.json``, also when N is 1.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from bunny.average import INDEX_NAME, SAFETENSORS_DTYPES, SHARD_NAME
+
+DTYPE_NAMES: dict[torch.dtype, str] = {info.torch_dtype: name for name, info in SAFETENSORS_DTYPES.items()}
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep one name per shared tensor (tied embeddings): safetensors stores no aliases, and
+    loaders re-tie from the config. The first name, the tie's source, is kept."""
+    seen: set[tuple] = set()
+    kept = {}
+    for name, tensor in state.items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and identity in seen:
+            continue
+        seen.add(identity)
+        kept[name] = tensor
+    return kept
+
+
+def plan_shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Names, in order, grouped into shards of at most ``max_shard_bytes``."""
+    shards: list[list[str]] = []
+    size = 0
+    for name, tensor in state.items():
+        nbytes = _nbytes(tensor)
+        if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file; wider dtypes first so every tensor stays aligned."""
+    order = sorted(tensors, key=lambda name: -tensors[name].element_size())
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        if tensor.dtype not in DTYPE_NAMES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
+        end = offset + _nbytes(tensor)
+        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, end]}
+        offset = end
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name in order:
+            tensor = tensors[name].detach()
+            if tensor.device.type != "cpu":
+                tensor = tensor.cpu()
+            raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy when contiguous
+            handle.write(raw.data)
+
+
+def write_sharded(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> tuple[list[str], int, int]:
+    """Write ``state`` as shards plus index into ``folder``; returns (shard names, tensors, bytes)."""
+    state = untie(state)
+    plan = plan_shards(state, max_shard_bytes)
+    names = [SHARD_NAME.format(index=i + 1, total=len(plan)) for i in range(len(plan))]
+    weight_map = {}
+    for shard_name, tensor_names in zip(names, plan):
+        write_safetensors(folder / shard_name, {name: state[name] for name in tensor_names})
+        weight_map.update(dict.fromkeys(tensor_names, shard_name))
+    total_size = sum(_nbytes(tensor) for tensor in state.values())
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return names, len(state), total_size
