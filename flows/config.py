@@ -1,0 +1,394 @@
+"""The pipeline's one typed configuration.
+
+Everything the flow needs is here: model and data paths, per-stage hyperparameters whose field
+names are `bunny/train/train.py`'s flags (defaults: the Bunny-v1.0-4B tutorial's values), the
+recipes to train and average, GPU assignment, retries and preflight settings. Prefect builds the
+flow's parameter schema (the UI's run form) from these models and the deepspeed command lines
+come from `TrainingHyperparameters.to_argv`, so the two can never disagree.
+
+Settings that change what a stage produces are part of its completion key (see
+`flows.markers`); launch settings (`LaunchSettings`, GPUs, retries, timeouts, environment) are
+not: moving a finished stage to other GPUs does not make it stale.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from bunny.tiny import TinyAssets
+
+STAGE_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"  # also valid in Prefect artifact keys
+SHIPPED_DEEPSPEED_CONFIGS = ("zero2", "zero3")
+# flags the pipeline fills in from paths; hyperparameters may not set them
+PATH_FLAGS = (
+    "model_name_or_path",
+    "vision_tower",
+    "data_path",
+    "image_folder",
+    "output_dir",
+    "pretrain_mm_mlp_adapter",
+)
+
+
+def format_flag_value(value: bool | int | float | str | Path) -> str:
+    """Render a value the way the tutorial writes it: booleans as True/False, 1.0 as 1."""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, float):
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
+    return str(value)
+
+
+class Strict(BaseModel):
+    """Base of every config model: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainingHyperparameters(Strict):
+    """`train.py` flags other than paths. A field set to None is left off the command line."""
+
+    deepspeed: str = Field(description="DeepSpeed config: a JSON path or a shipped name (zero2, zero3)")
+    model_type: str = "phi-3"
+    version: str = Field(description="conversation template")
+    mm_projector_type: str = "mlp2x_gelu"
+    tune_mm_mlp_adapter: bool | None = None
+    lora_enable: bool | None = None
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    mm_projector_lr: float | None = None
+    unfreeze_vision_tower: bool | None = None
+    image_aspect_ratio: Literal["square", "pad"]
+    group_by_modality_length: bool | None = None
+    bf16: bool = True
+    num_train_epochs: float = 1
+    per_device_train_batch_size: int
+    per_device_eval_batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+    evaluation_strategy: str = "no"
+    save_strategy: str = "steps"
+    save_steps: int
+    save_total_limit: int = 1
+    learning_rate: float
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    logging_steps: int = 1
+    tf32: bool = True
+    model_max_length: int
+    gradient_checkpointing: bool = True
+    dataloader_num_workers: int = 4
+    lazy_preprocess: bool = True
+    report_to: str = "none"
+    max_steps: int | None = Field(default=None, description="stop after this many optimizer steps")
+    seed: int | None = None
+    extra_flags: dict[str, str] = Field(
+        default_factory=dict, description="any other HF TrainingArguments flag, name -> value"
+    )
+
+    @field_validator("extra_flags")
+    @classmethod
+    def _extra_flags_are_new(cls, flags: dict[str, str]) -> dict[str, str]:
+        taken = set(cls.model_fields) | set(PATH_FLAGS)
+        clashes = sorted(name for name in flags if name.lstrip("-") in taken)
+        if clashes:
+            raise ValueError(f"extra_flags {clashes} must be set through their own fields")
+        return flags
+
+    def to_argv(self) -> list[str]:
+        """`--flag value` pairs in field order, None fields omitted, extra_flags last."""
+        argv: list[str] = []
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name == "extra_flags" or value is None:
+                continue
+            argv += [f"--{name}", format_flag_value(value)]
+        for name, value in self.extra_flags.items():
+            argv += [f"--{name.lstrip('-')}", value]
+        return argv
+
+
+class PretrainHyperparameters(TrainingHyperparameters):
+    """Projector alignment: the tutorial's pretrain command."""
+
+    deepspeed: str = "zero2"
+    version: str = "plain"
+    tune_mm_mlp_adapter: bool | None = True
+    image_aspect_ratio: Literal["square", "pad"] = "square"
+    per_device_train_batch_size: int = 8
+    save_steps: int = 24000
+    learning_rate: float = 1e-3
+    model_max_length: int = 2048
+
+
+class RecipeHyperparameters(TrainingHyperparameters):
+    """LoRA visual instruction tuning: the tutorial's recipe commands."""
+
+    lora_enable: bool | None = True
+    lora_r: int | None = 128
+    lora_alpha: int | None = 256
+    mm_projector_lr: float | None = 2e-5
+    deepspeed: str = "zero3"
+    version: str = "phi3"
+    image_aspect_ratio: Literal["square", "pad"] = "pad"
+    group_by_modality_length: bool | None = False
+    per_device_train_batch_size: int = 4
+    save_steps: int = 500
+    learning_rate: float = 2e-4
+    model_max_length: int = 4096
+
+
+class StageData(Strict):
+    """A training stage's records and the folder their image paths are relative to."""
+
+    data_path: Path
+    image_folder: Path
+
+
+class LaunchSettings(Strict):
+    """How a stage's processes start; not part of its completion key."""
+
+    hostfile: Path | None = Field(default=None, description="DeepSpeed hostfile for multi-node runs")
+    include: str | None = Field(
+        default=None,
+        description="deepspeed --include, verbatim (e.g. 'node1:0,1@node2:0,1'); "
+        "replaces the automatic GPU assignment",
+    )
+    num_gpus: int | None = Field(
+        default=None, ge=1, description="GPUs for this stage on one host; default: automatic"
+    )
+    timeout_hours: float | None = Field(default=None, gt=0)
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
+
+
+class PretrainStage(Strict):
+    data: StageData
+    hyperparameters: PretrainHyperparameters = Field(default_factory=PretrainHyperparameters)
+    launch: LaunchSettings = Field(default_factory=LaunchSettings)
+
+
+class RecipeStage(Strict):
+    """One LoRA recipe: its data, its weight in the final average and its departures from the
+    shared recipe hyperparameters (`overrides`: flag name -> value)."""
+
+    name: str = Field(pattern=STAGE_NAME_PATTERN, max_length=40)
+    data: StageData
+    weight: float = Field(ge=0, le=1, description="weight of this recipe's merged model in the average")
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    launch: LaunchSettings = Field(default_factory=LaunchSettings)
+
+
+class GpuSettings(Strict):
+    """Which GPUs the stages may use; with none visible every stage runs on the CPU."""
+
+    devices: list[int] | None = Field(
+        default=None, description="GPU ids to use (default: every visible GPU)"
+    )
+    gpus_per_recipe: int | None = Field(
+        default=None,
+        ge=1,
+        description="GPUs each recipe gets (default: an equal share, so recipes run side by "
+        "side); recipes that do not fit at once run one after the other",
+    )
+    master_port: int = Field(default=29500, ge=1024, le=65000, description="first master port")
+
+
+class RetrySettings(Strict):
+    retries: int = Field(default=2, ge=0, description="retries of a failed stage (resumes from its checkpoint)")
+    delay_seconds: float = Field(default=60.0, ge=0)
+
+
+class PostprocessSettings(Strict):
+    """Merge and average: run as child processes too, so an OOM cannot take the flow down."""
+
+    inherit_config_from: str | None = Field(
+        default=None,
+        description="recipe whose merged model's config and tokenizer the average gets "
+        "(default: the last recipe, as in the tutorial)",
+    )
+    max_shard_size: str = "5GB"
+    timeout_hours: float | None = Field(default=None, gt=0)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class PreflightSettings(Strict):
+    check_images: bool = Field(default=True, description="open every referenced image")
+    workers: int = Field(default=8, ge=1, description="parallel image checks")
+    min_free_gb: float | None = Field(
+        default=None, ge=0, description="free space required under output_root (default: estimated)"
+    )
+
+
+class RuntimeSettings(Strict):
+    kill_grace_seconds: float = Field(
+        default=30.0, ge=0, description="SIGTERM to SIGKILL delay when a stage is stopped"
+    )
+    progress_interval_seconds: float = Field(default=10.0, gt=0)
+    log_interval_seconds: float = Field(default=15.0, gt=0, description="Prefect log throttle")
+    cpu_threads: int | None = Field(
+        default=None, ge=1, description="threads per CPU-path stage (default: cores / parallel stages)"
+    )
+
+
+def check_weighted_names(kind: str, names: list[str], weights: list[float], post: PostprocessSettings) -> None:
+    """Names unique, weights summing to 1, the config source one of the names."""
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"{kind} names must be unique, repeated: {duplicates}")
+    total = sum(weights)
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        raise ValueError(f"{kind} weights {weights} sum to {total:g}, not 1")
+    if post.inherit_config_from is not None and post.inherit_config_from not in names:
+        raise ValueError(f"postprocess.inherit_config_from {post.inherit_config_from!r} is not a {kind}: {names}")
+
+
+class PipelineConfig(Strict):
+    """The whole Bunny recipe: pretrain -> recipes in parallel -> merge each -> average."""
+
+    output_root: Path = Field(description="every stage's folder is created under it")
+    llm: Path = Field(description="base language model folder (--model_name_or_path)")
+    vision_tower: Path = Field(description="vision tower folder (--vision_tower)")
+    pretrain: PretrainStage
+    recipe_hyperparameters: RecipeHyperparameters = Field(default_factory=RecipeHyperparameters)
+    recipes: list[RecipeStage] = Field(min_length=1)
+    postprocess: PostprocessSettings = Field(default_factory=PostprocessSettings)
+    gpus: GpuSettings = Field(default_factory=GpuSettings)
+    retries: RetrySettings = Field(default_factory=RetrySettings)
+    preflight: PreflightSettings = Field(default_factory=PreflightSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+
+    @model_validator(mode="after")
+    def _check_recipes(self) -> PipelineConfig:
+        names = [recipe.name for recipe in self.recipes]
+        check_weighted_names("recipe", names, [r.weight for r in self.recipes], self.postprocess)
+        reserved = {"pretrain", "average", "preflight"} | {f"merge-{n}" for n in names}
+        clashing = sorted(set(names) & reserved)
+        if clashing:
+            raise ValueError(f"recipe names {clashing} clash with stage names")
+        for recipe in self.recipes:
+            self.recipe_settings(recipe)  # overrides must validate
+        return self
+
+    def recipe_settings(self, recipe: RecipeStage) -> RecipeHyperparameters:
+        """The shared recipe hyperparameters with this recipe's overrides applied (validated)."""
+        try:
+            return RecipeHyperparameters.model_validate(
+                self.recipe_hyperparameters.model_dump() | recipe.overrides
+            )
+        except ValueError as exc:
+            raise ValueError(f"recipe {recipe.name!r}: bad overrides {recipe.overrides}: {exc}") from exc
+
+    def recipe(self, name: str) -> RecipeStage:
+        for recipe in self.recipes:
+            if recipe.name == name:
+                return recipe
+        raise KeyError(f"no recipe named {name!r}")
+
+    @property
+    def config_source_recipe(self) -> RecipeStage:
+        name = self.postprocess.inherit_config_from
+        return self.recipe(name) if name else self.recipes[-1]
+
+    @classmethod
+    def tutorial(
+        cls,
+        *,
+        output_root: Path | str,
+        llm: Path | str,
+        vision_tower: Path | str,
+        pretrain_data: StageData,
+        recipe_1_data: StageData,
+        recipe_2_data: StageData,
+    ) -> PipelineConfig:
+        """Bunny-v1.0-4B as in the tutorial: recipe-2 also unfreezes the tower; 0.3 / 0.7."""
+        return cls(
+            output_root=Path(output_root),
+            llm=Path(llm),
+            vision_tower=Path(vision_tower),
+            pretrain=PretrainStage(data=pretrain_data),
+            recipes=[
+                RecipeStage(name="recipe-1", data=recipe_1_data, weight=0.3),
+                RecipeStage(
+                    name="recipe-2",
+                    data=recipe_2_data,
+                    weight=0.7,
+                    overrides={"unfreeze_vision_tower": True},
+                ),
+            ],
+        )
+
+    @classmethod
+    def demo(cls, assets: TinyAssets, output_root: Path | str, steps: int = 12) -> PipelineConfig:
+        """The tutorial's pipeline shrunk to run on a CPU in minutes with `bunny.tiny` assets.
+
+        Each stage trains `steps` optimizer steps with a checkpoint every `steps // 3`, so a
+        stopped stage has something to resume from. Every stage uses ZeRO-2: a single CPU
+        process has nothing for ZeRO-3 to partition.
+        """
+        small = dict(
+            bf16=False,
+            tf32=False,
+            per_device_train_batch_size=2,
+            per_device_eval_batch_size=2,
+            gradient_accumulation_steps=1,
+            save_steps=max(1, steps // 3),
+            max_steps=steps,
+            model_max_length=256,
+            gradient_checkpointing=False,
+            dataloader_num_workers=0,
+            seed=0,
+        )
+        config = cls.tutorial(
+            output_root=output_root,
+            llm=assets.llm,
+            vision_tower=assets.vision_tower,
+            pretrain_data=StageData(data_path=assets.pretrain_data, image_folder=assets.pretrain_images),
+            recipe_1_data=StageData(data_path=assets.recipe1_data, image_folder=assets.finetune_images),
+            recipe_2_data=StageData(data_path=assets.recipe2_data, image_folder=assets.finetune_images),
+        )
+        return config.model_copy(
+            update={
+                "pretrain": config.pretrain.model_copy(
+                    update={"hyperparameters": PretrainHyperparameters(**small)}
+                ),
+                "recipe_hyperparameters": RecipeHyperparameters(
+                    **small, lora_r=8, lora_alpha=16, deepspeed="zero2"
+                ),
+                "retries": RetrySettings(retries=1, delay_seconds=1),
+                "preflight": PreflightSettings(workers=2),
+                "runtime": RuntimeSettings(
+                    kill_grace_seconds=5, progress_interval_seconds=1, log_interval_seconds=5
+                ),
+            }
+        )
+
+
+class MergeInput(Strict):
+    """A finished LoRA recipe output to merge, with its weight in the average."""
+
+    name: str = Field(pattern=STAGE_NAME_PATTERN, max_length=40)
+    lora_path: Path
+    weight: float = Field(ge=0, le=1)
+
+
+class MergeAverageConfig(Strict):
+    """Merge + average only, from existing recipe outputs (the second deployment)."""
+
+    output_root: Path
+    llm: Path = Field(description="the base LLM the LoRA recipes were trained on")
+    model_type: str = "phi-3"
+    inputs: list[MergeInput] = Field(min_length=1)
+    postprocess: PostprocessSettings = Field(default_factory=PostprocessSettings)
+    retries: RetrySettings = Field(default_factory=RetrySettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+
+    @model_validator(mode="after")
+    def _check_inputs(self) -> MergeAverageConfig:
+        check_weighted_names("input", [i.name for i in self.inputs], [i.weight for i in self.inputs], self.postprocess)
+        return self

@@ -1,0 +1,288 @@
+"""What each stage runs: its job description (built from the config) and its command line.
+
+The flow turns the one `PipelineConfig` (or `MergeAverageConfig`) into one job per stage;
+the tasks in `flows.tasks` only execute jobs. `settings` of a job is what enters the stage's
+completion key; the rest (placement, environment, timeout) only says how it runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+import sys
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.config import (
+    MergeAverageConfig,
+    PipelineConfig,
+    RetrySettings,
+    RuntimeSettings,
+    TrainingHyperparameters,
+)
+from flows.gpus import Placement
+from flows.markers import StageDir, completion, stage_key
+
+PRETRAIN = "pretrain"
+AVERAGE = "average"
+PROJECTOR_FILE = "mm_projector.bin"
+DEEPSPEED_LAUNCHER = (sys.executable, "-u", "-m", "deepspeed.launcher.runner")
+
+
+def merge_stage_name(recipe: str) -> str:
+    return f"merge-{recipe}"
+
+
+def train_script() -> Path:
+    """`bunny/train/train.py` of the installed (or checked-out) `bunny` package."""
+    spec = importlib.util.find_spec("bunny")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("the bunny package is not importable")
+    return Path(spec.origin).parent / "train" / "train.py"
+
+
+class StageJob(BaseModel, ABC):
+    """A stage, ready to run. Its inputs are the outputs of the `upstream` stages (passed to
+    the task by Prefect, from their futures) and `external_inputs` (existing folders)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    stage: str
+    stage_dir: Path
+    placement: Placement = Field(default_factory=Placement)
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout_hours: float | None = None
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    retries: RetrySettings = Field(default_factory=RetrySettings)
+    force: bool = False
+    upstream: list[str] = Field(default_factory=list)
+    external_inputs: dict[str, Path] = Field(default_factory=dict)
+
+    @property
+    def dir(self) -> StageDir:
+        return StageDir(self.stage_dir)
+
+    @property
+    def timeout_seconds(self) -> float | None:
+        return self.timeout_hours * 3600 if self.timeout_hours else None
+
+    @abstractmethod
+    def settings(self, inputs: Mapping[str, Path]) -> dict[str, Any]:
+        """What shapes this stage's output (besides its inputs): enters the completion key."""
+
+    def key(self, inputs: Mapping[str, Path]) -> str:
+        return stage_key(self.stage, self.settings(inputs), inputs)
+
+    def completion(self, inputs: Mapping[str, Path], flow_run_id: str) -> dict[str, Any] | None:
+        """This stage's complete-marker if it is complete for these inputs, else None."""
+        if not all(path.exists() for path in inputs.values()):
+            return None
+        return completion(self.dir, self.key(inputs), flow_run_id if self.force else None)
+
+
+class TrainJob(StageJob):
+    """A deepspeed training run; `flags` are train.py's flags except the pretrain adapter,
+    which comes from the upstream stage's output."""
+
+    flags: list[str]
+
+    def settings(self, inputs: Mapping[str, Path]) -> dict[str, Any]:
+        return {"flags": self.train_flags(inputs)}
+
+    def train_flags(self, inputs: Mapping[str, Path]) -> list[str]:
+        pretrain = inputs.get(PRETRAIN)
+        adapter = ["--pretrain_mm_mlp_adapter", str(pretrain / PROJECTOR_FILE)] if pretrain else []
+        return [*self.flags, *adapter]
+
+    def command(self, inputs: Mapping[str, Path], master_port: int) -> list[str]:
+        return [
+            *DEEPSPEED_LAUNCHER,
+            *self.placement.launcher_flags(master_port),
+            str(train_script()),
+            *self.train_flags(inputs),
+        ]
+
+    def environment(self) -> dict[str, str]:
+        threads = {"OMP_NUM_THREADS": str(self.placement.cpu_threads)} if self.placement.cpu_threads else {}
+        return {**threads, **self.env}
+
+
+class MergeJob(StageJob):
+    """`python -m bunny.merge`: LoRA folder + base LLM -> full model folder."""
+
+    model_base: Path
+    model_type: str
+
+    def settings(self, inputs: Mapping[str, Path]) -> dict[str, Any]:
+        return {"model_base": str(self.model_base), "model_type": self.model_type}
+
+    def command(self, inputs: Mapping[str, Path]) -> list[str]:
+        (lora_output,) = inputs.values()
+        return [
+            sys.executable, "-m", "bunny.merge",
+            "--model-path", str(lora_output),
+            "--model-base", str(self.model_base),
+            "--model-type", self.model_type,
+            "--save-model-path", str(self.dir.output),
+        ]
+
+    def environment(self) -> dict[str, str]:
+        return {**self.placement.env(), **self.env}
+
+
+class AverageJob(StageJob):
+    """`python -m bunny.average`: weighted average of the merged models, config inherited."""
+
+    names: list[str]
+    weights: list[float]
+    inherit_from: str
+    max_shard_size: str = "5GB"
+
+    def settings(self, inputs: Mapping[str, Path]) -> dict[str, Any]:
+        return {
+            "names": self.names,
+            "weights": self.weights,
+            "inherit_from": self.inherit_from,
+            "max_shard_size": self.max_shard_size,
+        }
+
+    def command(self, inputs: Mapping[str, Path]) -> list[str]:
+        merged_outputs = [inputs[name] for name in self.names]
+        inherit = inputs[self.inherit_from]
+        return [
+            sys.executable, "-m", "bunny.average",
+            *map(str, merged_outputs),
+            "--output", str(self.dir.output),
+            "--weights", *map(repr, self.weights),
+            "--inherit-from", str(inherit),
+            "--max-shard-size", self.max_shard_size,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        return {"CUDA_VISIBLE_DEVICES": "", **self.env}
+
+
+def training_flags(
+    config: PipelineConfig, stage_dir: StageDir, data_path: Path, image_folder: Path,
+    hyperparameters: TrainingHyperparameters,
+) -> list[str]:
+    """Path flags from the config, then the stage's hyperparameters."""
+    return [
+        "--model_name_or_path", str(config.llm),
+        "--vision_tower", str(config.vision_tower),
+        "--data_path", str(data_path),
+        "--image_folder", str(image_folder),
+        "--output_dir", str(stage_dir.output),
+        *hyperparameters.to_argv(),
+    ]
+
+
+def pipeline_jobs(config: PipelineConfig, placements: Mapping[str, Placement]) -> dict[str, StageJob]:
+    """Every stage of the pipeline, in dependency order: pretrain, recipes, merges, average."""
+    root = config.output_root
+    jobs: dict[str, StageJob] = {}
+    common = dict(runtime=config.runtime, retries=config.retries)
+    pretrain = config.pretrain
+    jobs[PRETRAIN] = TrainJob(
+        stage=PRETRAIN,
+        stage_dir=root / PRETRAIN,
+        placement=placements.get(PRETRAIN, Placement()),
+        env=pretrain.launch.env,
+        timeout_hours=pretrain.launch.timeout_hours,
+        flags=training_flags(config, StageDir(root / PRETRAIN), pretrain.data.data_path,
+                             pretrain.data.image_folder, pretrain.hyperparameters),
+        **common,
+    )
+    for recipe in config.recipes:
+        hyperparameters = config.recipe_settings(recipe)
+        jobs[recipe.name] = TrainJob(
+            stage=recipe.name,
+            stage_dir=root / recipe.name,
+            placement=placements.get(recipe.name, Placement()),
+            env=recipe.launch.env,
+            timeout_hours=recipe.launch.timeout_hours,
+            upstream=[PRETRAIN],
+            flags=training_flags(config, StageDir(root / recipe.name), recipe.data.data_path,
+                                 recipe.data.image_folder, hyperparameters),
+            **common,
+        )
+    post = config.postprocess
+    for recipe in config.recipes:
+        name = merge_stage_name(recipe.name)
+        jobs[name] = MergeJob(
+            stage=name,
+            stage_dir=root / name,
+            placement=placements.get(recipe.name, Placement()),
+            env=post.env,
+            timeout_hours=post.timeout_hours,
+            upstream=[recipe.name],
+            model_base=config.llm,
+            model_type=config.recipe_settings(recipe).model_type,
+            **common,
+        )
+    if len(config.recipes) > 1:
+        jobs[AVERAGE] = AverageJob(
+            stage=AVERAGE,
+            stage_dir=root / AVERAGE,
+            env=post.env,
+            timeout_hours=post.timeout_hours,
+            upstream=[merge_stage_name(r.name) for r in config.recipes],
+            names=[merge_stage_name(r.name) for r in config.recipes],
+            weights=[r.weight for r in config.recipes],
+            inherit_from=merge_stage_name(config.config_source_recipe.name),
+            max_shard_size=post.max_shard_size,
+            **common,
+        )
+    return jobs
+
+
+def merge_average_jobs(config: MergeAverageConfig, placement: Placement) -> dict[str, StageJob]:
+    """Merge jobs for each given LoRA folder, then the average (when there are several)."""
+    root = config.output_root
+    post = config.postprocess
+    common = dict(runtime=config.runtime, retries=config.retries, env=post.env, timeout_hours=post.timeout_hours)
+    jobs: dict[str, StageJob] = {}
+    for item in config.inputs:
+        name = merge_stage_name(item.name)
+        jobs[name] = MergeJob(
+            stage=name, stage_dir=root / name, placement=placement,
+            external_inputs={item.name: item.lora_path}, model_base=config.llm, model_type=config.model_type, **common,
+        )
+    if len(config.inputs) > 1:
+        inherit = post.inherit_config_from or config.inputs[-1].name
+        jobs[AVERAGE] = AverageJob(
+            stage=AVERAGE, stage_dir=root / AVERAGE,
+            upstream=[merge_stage_name(i.name) for i in config.inputs],
+            names=[merge_stage_name(i.name) for i in config.inputs],
+            weights=[i.weight for i in config.inputs],
+            inherit_from=merge_stage_name(inherit),
+            max_shard_size=post.max_shard_size,
+            **common,
+        )
+    return jobs
+
+
+def with_force(jobs: Mapping[str, StageJob], force: list[str] | None) -> dict[str, StageJob]:
+    """`jobs` with the named stages marked to run again; unknown names are an error."""
+    unknown = sorted(set(force or []) - set(jobs))
+    if unknown:
+        raise ValueError(f"force: unknown stage(s) {unknown}; stages are {list(jobs)}")
+    return {name: job.model_copy(update={"force": name in (force or [])}) for name, job in jobs.items()}
+
+
+def planned_inputs(job: StageJob, jobs: Mapping[str, StageJob]) -> dict[str, Path]:
+    """The folders `job` will read: its external inputs and its upstream stages' outputs."""
+    return {**job.external_inputs, **{name: jobs[name].dir.output for name in job.upstream}}
+
+
+def pending_stages(jobs: Mapping[str, StageJob], flow_run_id: str) -> list[str]:
+    """Stages that must run, in order: not complete for their inputs, forced, or downstream of
+    a stage that must run (its output will change)."""
+    pending: list[str] = []
+    for name, job in jobs.items():
+        if any(up in pending for up in job.upstream) or job.completion(planned_inputs(job, jobs), flow_run_id) is None:
+            pending.append(name)
+    return pending

@@ -1,0 +1,136 @@
+"""The pipeline config: tutorial defaults on the command line, validation, schema."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from flows.config import PipelineConfig, RecipeHyperparameters, RecipeStage, StageData
+from flows.gpus import Placement
+from flows.stages import PRETRAIN, TrainJob, pipeline_jobs
+
+TUTORIAL = Path(__file__).with_name("tutorial")
+# flags whose values are paths: the pipeline fills them from its own config
+PATH_FLAGS = {"model_name_or_path", "vision_tower", "data_path", "image_folder", "output_dir", "pretrain_mm_mlp_adapter"}
+
+
+def tutorial_flags(script: str) -> dict[str, str]:
+    """The `--flag value` pairs of the deepspeed command in one of the tutorial's scripts."""
+    text = (TUTORIAL / script).read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.strip().startswith("deepspeed "))
+    words = shlex.split(line.split("|")[0].replace("$MODEL_TYPE", "phi-3"))
+    return flag_pairs(words[words.index("bunny/train/train.py") + 1 :])
+
+
+def flag_pairs(words: list[str]) -> dict[str, str]:
+    assert len(words) % 2 == 0, words
+    pairs = dict(zip(words[::2], words[1::2]))
+    assert all(flag.startswith("--") for flag in pairs) and len(pairs) == len(words) // 2
+    return {flag[2:]: value for flag, value in pairs.items()}
+
+
+def same_value(ours: str, theirs: str) -> bool:
+    """Numbers compare as numbers (1e-3 == 0.001, 0. == 0), everything else as text."""
+    number = re.compile(r"^-?(\d+\.?\d*|\.\d+)(e-?\d+)?$")
+    if number.match(ours) and number.match(theirs):
+        return float(ours) == float(theirs)
+    return ours == theirs
+
+
+def tutorial_config(tmp_path: Path) -> PipelineConfig:
+    data = StageData(data_path=tmp_path / "d.json", image_folder=tmp_path / "images")
+    return PipelineConfig.tutorial(
+        output_root=tmp_path / "out", llm=tmp_path / "phi3", vision_tower=tmp_path / "siglip",
+        pretrain_data=data, recipe_1_data=data, recipe_2_data=data,
+    )
+
+
+@pytest.mark.parametrize("stage, script", [(PRETRAIN, "pretrain.sh"), ("recipe-1", "recipe-1.sh"), ("recipe-2", "recipe-2.sh")])
+def test_default_config_gives_the_tutorial_hyperparameters(tmp_path, stage, script):
+    config = tutorial_config(tmp_path)
+    jobs = pipeline_jobs(config, {name: Placement(devices=tuple(range(8))) for name in ("pretrain", "recipe-1", "recipe-2")})
+    job = jobs[stage]
+    assert isinstance(job, TrainJob)
+    command = job.command({PRETRAIN: tmp_path / "out" / PRETRAIN / "output"} if stage != PRETRAIN else {}, 29501)
+    ours = flag_pairs(command[command.index(next(w for w in command if w.endswith("train.py"))) + 1 :])
+    theirs = tutorial_flags(script)
+
+    assert set(ours) == set(theirs)
+    hyper = {flag for flag in theirs if flag not in PATH_FLAGS}
+    mismatched = {f: (ours[f], theirs[f]) for f in hyper if f != "deepspeed" and not same_value(ours[f], theirs[f])}
+    assert mismatched == {}
+    assert Path(ours["deepspeed"]).stem == Path(theirs["deepspeed"]).stem  # zero2 / zero3, shipped by name
+    assert ours["model_name_or_path"] == str(tmp_path / "phi3")
+    assert ours["output_dir"] == str(tmp_path / "out" / stage / "output")
+    if stage != PRETRAIN:
+        assert ours["pretrain_mm_mlp_adapter"] == str(tmp_path / "out" / PRETRAIN / "output" / "mm_projector.bin")
+    launcher = command[: command.index(next(w for w in command if w.endswith("train.py")))]
+    assert launcher[-4:] == ["--master_port", "29501", "--include", "localhost:0,1,2,3,4,5,6,7"]
+
+
+def test_booleans_and_numbers_are_written_like_the_tutorial():
+    argv = RecipeHyperparameters(max_steps=5, extra_flags={"lora_dropout": "0.1"}).to_argv()
+    pairs = flag_pairs(argv)
+    assert pairs["lora_enable"] == "True" and pairs["group_by_modality_length"] == "False"
+    assert pairs["num_train_epochs"] == "1" and pairs["learning_rate"] == "0.0002"
+    assert pairs["max_steps"] == "5" and pairs["lora_dropout"] == "0.1"
+    assert "seed" not in pairs and "tune_mm_mlp_adapter" not in pairs  # None: left off
+
+
+def test_recipe_overrides_apply_to_that_recipe_only(tmp_path):
+    config = tutorial_config(tmp_path)
+    assert config.recipe_settings(config.recipes[1]).unfreeze_vision_tower is True
+    assert config.recipe_settings(config.recipes[0]).unfreeze_vision_tower is None
+    assert config.config_source_recipe.name == "recipe-2"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(recipes=[{**c["recipes"][0], "weight": 0.5}, c["recipes"][1]]), "sum to 1.2"),
+        (lambda c: c.update(recipes=[c["recipes"][0], {**c["recipes"][1], "name": "recipe-1"}]), "unique"),
+        (lambda c: c["recipes"][1].update(overrides={"lora_rank": 8}), "recipe 'recipe-2': bad overrides"),
+        (lambda c: c["recipes"][1].update(name="Recipe 2"), "name"),
+        (lambda c: c["recipes"][1].update(name="average"), "clash with stage names"),
+        (lambda c: c.update(recipes=[]), "at least 1"),
+        (lambda c: c["recipe_hyperparameters"].update(extra_flags={"learning_rate": "1"}), "own fields"),
+        (lambda c: c.update(postprocess={"inherit_config_from": "recipe-3"}), "not a recipe"),
+        (lambda c: c.update(unknown_setting=1), "unknown_setting"),
+    ],
+)
+def test_bad_configs_are_refused_with_a_clear_message(tmp_path, change, message):
+    raw = tutorial_config(tmp_path).model_dump(mode="json")
+    change(raw)
+    with pytest.raises(ValidationError, match=re.escape(message) if " " in message else message):
+        PipelineConfig.model_validate(raw)
+
+
+def test_one_recipe_pipeline_has_no_average(tmp_path):
+    config = tutorial_config(tmp_path)
+    single = config.model_copy(update={"recipes": [RecipeStage(name="only", data=config.recipes[0].data, weight=1.0)]})
+    assert list(pipeline_jobs(single, {})) == ["pretrain", "only", "merge-only"]
+
+
+def test_flow_parameter_schema_comes_from_the_config():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import bunny_pipeline
+
+    schema = parameter_schema(bunny_pipeline).model_dump()
+    assert schema["required"] == ["config"]
+    definitions = schema["definitions"]
+    recipe_fields = definitions["RecipeHyperparameters"]["properties"]
+    assert recipe_fields["lora_r"]["default"] == 128 and recipe_fields["learning_rate"]["default"] == 2e-4
+    assert definitions["PretrainHyperparameters"]["properties"]["save_steps"]["default"] == 24000
+    assert definitions["RecipeStage"]["properties"]["weight"]["maximum"] == 1
+
+
+def test_demo_config_is_small_and_cpu_friendly(tiny_assets, tmp_path):
+    config = PipelineConfig.demo(tiny_assets, tmp_path, steps=9)
+    for hp in [config.pretrain.hyperparameters, *map(config.recipe_settings, config.recipes)]:
+        assert hp.max_steps == 9 and hp.save_steps == 3 and not hp.bf16 and not hp.tf32
+    assert config.recipes[1].overrides == {"unfreeze_vision_tower": True}

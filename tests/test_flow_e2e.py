@@ -1,0 +1,247 @@
+"""The whole flow on the tiny assets under Prefect's test harness, real deepspeed launches.
+
+One module-scoped run: recipe-2 is made to fail once right after its checkpoint-4 (train.py's
+fault hook) and retried; then that flow run is retried through Prefect's CLI, and a new run
+with the same config follows. A separate run is stopped the way a Prefect worker cancels one
+(SIGTERM to the flow process) while it trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flows.config import LaunchSettings, PipelineConfig, RetrySettings
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8  # checkpoints every 2 steps
+FAULT_STEP = 4
+TRAINING = ("pretrain", "recipe-1", "recipe-2")
+STAGES = (*TRAINING, "merge-recipe-1", "merge-recipe-2", "average")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def attempts(root: Path, stage: str) -> list[str]:
+    return sorted(p.name for p in (root / stage / "logs").glob("attempt-*.log"))
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    return {
+        stage: (attempts(root, stage), (root / stage / "stage-complete.json").read_text(),
+                (root / stage / "stage-complete.json").stat().st_mtime_ns)
+        for stage in STAGES
+    }
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(harness, tiny_assets, tmp_path_factory):
+    from flows.pipeline import bunny_pipeline
+
+    work = tmp_path_factory.mktemp("e2e")
+    config = PipelineConfig.demo(tiny_assets, work / "out", steps=STEPS)
+    fault = LaunchSettings(env={"BUNNY_FAULT_AT_STEP": str(FAULT_STEP), "BUNNY_FAULT_ONCE_FILE": str(work / "fault-once")})
+    config = config.model_copy(update={
+        "recipes": [config.recipes[0], config.recipes[1].model_copy(update={"launch": fault})],
+        "retries": RetrySettings(retries=1, delay_seconds=0),
+    })
+    state = bunny_pipeline(config, return_state=True)
+    first = state.result()
+    after_first = snapshot(config.output_root)
+    retried = prefect_cli("flow-run", "retry", str(state.state_details.flow_run_id),
+                          "--entrypoint", "flows/pipeline.py:bunny_pipeline")
+    after_retry = snapshot(config.output_root)
+    second = bunny_pipeline(config)
+    return {"config": config, "root": config.output_root, "first": first, "second": second, "retried": retried,
+            "after_first": after_first, "after_retry": after_retry, "after_second": snapshot(config.output_root)}
+
+
+def prefect_cli(*args: str) -> subprocess.CompletedProcess:
+    """A `prefect` command against the test harness's server, from the checkout."""
+    from prefect.settings import PREFECT_API_URL
+
+    return subprocess.run(
+        [sys.executable, "-m", "prefect", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+    )
+
+
+def test_every_stage_ran_and_published_its_artifacts(pipeline_run):
+    from prefect.artifacts import Artifact
+
+    assert [(row["stage"], row["status"]) for row in pipeline_run["first"]] == [(s, "ran") for s in STAGES]
+    for stage in STAGES:
+        summary = Artifact.get(f"{stage}-summary")
+        assert summary is not None and summary.type == "table", stage
+        link = Artifact.get(f"{stage}-output")
+        assert link is not None and str(pipeline_run["root"] / stage / "output") in link.data
+    for stage in TRAINING:
+        progress = Artifact.get(f"{stage}-progress")
+        assert progress is not None and progress.type == "progress" and float(progress.data) == 100.0
+        loss = json.loads(Artifact.get(f"{stage}-loss").data)
+        assert [row["step"] for row in loss] == list(range(1, STEPS + 1)), stage
+    assert "## Passed" in Artifact.get("preflight-report").data
+    rows = json.loads(Artifact.get("pipeline-summary").data)
+    assert {row["stage"] for row in rows} == set(STAGES)
+
+
+def test_average_loads_and_is_the_weighted_sum_of_the_merges(pipeline_run):
+    import bunny  # noqa: F401  (registers the Bunny classes with the Auto classes)
+    from transformers import AutoModelForCausalLM
+
+    root = pipeline_run["root"]
+
+    def tensors(stage: str) -> dict[str, torch.Tensor]:
+        folder = root / stage / "output"
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        loaded: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            loaded.update(load_file(folder / shard))
+        return loaded
+
+    merged_1, merged_2, average = tensors("merge-recipe-1"), tensors("merge-recipe-2"), tensors("average")
+    assert merged_1.keys() == merged_2.keys() == average.keys()
+    assert any(not torch.equal(merged_1[k], merged_2[k]) for k in merged_1)  # two different models
+    for name, value in average.items():
+        expected = 0.3 * merged_1[name].double() + 0.7 * merged_2[name].double()
+        torch.testing.assert_close(value.double(), expected.to(value.dtype).double(), rtol=1e-6, atol=1e-7)
+
+    model = AutoModelForCausalLM.from_pretrained(root / "average" / "output")
+    state = model.state_dict()
+    for name, value in average.items():
+        torch.testing.assert_close(state[name].to(value.dtype), value, rtol=0, atol=0, msg=name)
+    inherited = json.loads((root / "average" / "output" / "config.json").read_text())
+    assert inherited == json.loads((root / "merge-recipe-2" / "output" / "config.json").read_text())
+
+
+def test_recipe_2_failed_once_and_resumed_from_its_checkpoint(pipeline_run):
+    root = pipeline_run["root"]
+    assert attempts(root, "recipe-2") == ["attempt-1.log", "attempt-2.log"]
+    assert f"injected failure after checkpoint-{FAULT_STEP}" in (root / "recipe-2" / "logs" / "attempt-1.log").read_text()
+    done = json.loads((root / "recipe-2" / "output" / "training_complete.json").read_text())
+    assert done["global_step"] == STEPS and done["resumed_from"].endswith(f"checkpoint-{FAULT_STEP}")
+    steps = [json.loads(line)["step"] for line in (root / "recipe-2" / "output" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(1) == 1  # continued, never restarted from step 1
+    for stage in ("pretrain", "recipe-1", "merge-recipe-1"):
+        assert attempts(root, stage) == ["attempt-1.log"], stage
+
+
+def test_a_flow_run_retry_skips_every_stage(pipeline_run):
+    retried = pipeline_run["retried"]
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    output = retried.stdout + retried.stderr
+    assert all(f"{stage}: complete from an earlier run, skipped" in output for stage in STAGES), output
+    assert pipeline_run["after_retry"] == pipeline_run["after_first"]  # no new attempt, markers untouched
+
+
+def test_second_run_with_the_same_config_skips_every_stage(pipeline_run):
+    assert [(row["stage"], row["status"]) for row in pipeline_run["second"]] == [(s, "skipped") for s in STAGES]
+    assert pipeline_run["after_second"] == pipeline_run["after_first"]
+
+
+def test_merge_and_average_flow_reproduces_the_pipelines_average(pipeline_run, tmp_path):
+    from flows.config import MergeAverageConfig
+    from flows.pipeline import merge_and_average
+
+    root = pipeline_run["root"]
+    config = MergeAverageConfig(
+        output_root=tmp_path / "merged",
+        llm=pipeline_run["config"].llm,
+        inputs=[{"name": "recipe-1", "lora_path": root / "recipe-1" / "output", "weight": 0.3},
+                {"name": "recipe-2", "lora_path": root / "recipe-2" / "output", "weight": 0.7}],
+    )
+    rows = merge_and_average(config)
+    assert [(row["stage"], row["status"]) for row in rows] == [
+        ("merge-recipe-1", "ran"), ("merge-recipe-2", "ran"), ("average", "ran")]
+    ours, theirs = tmp_path / "merged" / "average" / "output", root / "average" / "output"
+    index = json.loads((ours / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        mine, pipeline = load_file(ours / shard), load_file(theirs / shard)
+        assert mine.keys() == pipeline.keys()
+        assert all(torch.equal(mine[k], pipeline[k]) for k in mine)
+
+
+def test_a_failed_preflight_stops_the_run_before_any_stage(harness, tiny_assets, tmp_path):
+    from prefect.artifacts import Artifact
+
+    from flows.pipeline import bunny_pipeline
+    from flows.preflight import PreflightError
+
+    config = PipelineConfig.demo(tiny_assets, tmp_path / "out")
+    config = config.model_copy(update={"llm": tmp_path / "no-llm", "vision_tower": tmp_path / "no-tower"})
+    with pytest.raises(PreflightError, match=r"preflight found 2 problem\(s\)"):
+        bunny_pipeline(config)
+    report = Artifact.get("preflight-report").data
+    assert "no-llm: no such folder" in report and "no-tower: no such folder" in report
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # no stage folder was made
+
+
+def training_processes(marker: str) -> list[int]:
+    """Pids whose command line mentions `marker` (the run's own output folder)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def test_cancelling_a_run_leaves_no_training_process(harness, tiny_assets, tmp_path):
+    """What a worker or `flow.serve` does to cancel: SIGTERM to the flow process, mid-training."""
+    from prefect.settings import PREFECT_API_URL
+
+    root = tmp_path / "cancelled"
+    config = PipelineConfig.demo(tiny_assets, root, steps=100_000)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config.model_dump_json())
+    script = (
+        "import sys; from flows.config import PipelineConfig; from flows.pipeline import bunny_pipeline\n"
+        "bunny_pipeline(PipelineConfig.model_validate_json(open(sys.argv[1]).read()))"
+    )
+    flow_process = subprocess.Popen(
+        [sys.executable, "-c", script, str(config_file)], cwd=REPO,
+        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        progress = root / "pretrain" / "output" / "progress.json"
+        while not progress.exists():
+            assert flow_process.poll() is None, "the flow ended before training started"
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.5)
+        assert training_processes(str(root))
+        flow_process.send_signal(signal.SIGTERM)
+        flow_process.wait(timeout=60)
+    finally:
+        if flow_process.poll() is None:
+            flow_process.kill()
+    deadline = time.monotonic() + 30
+    while training_processes(str(root)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert training_processes(str(root)) == []
+    assert attempts(root, "pretrain") == ["attempt-1.log"]  # a stopped stage is not retried
+    assert "stopping the stage's processes" in (root / "pretrain" / "logs" / "attempt-1.log").read_text()
+    assert not (root / "pretrain" / "stage-complete.json").exists()
