@@ -328,8 +328,8 @@ class PipelineConfig(Strict):
         """The tutorial's pipeline shrunk to run on a CPU in minutes with `bunny.tiny` assets.
 
         Each stage trains `steps` optimizer steps with a checkpoint every `steps // 3`, so a
-        stopped stage has something to resume from. Every stage uses ZeRO-2: a single CPU
-        process has nothing for ZeRO-3 to partition.
+        stopped stage has something to resume from. DeepSpeed configs stay the tutorial's
+        (ZeRO-2 pretrain, ZeRO-3 recipes), so the demo runs the same code paths as a real run.
         """
         small = dict(
             bf16=False,
@@ -358,7 +358,7 @@ class PipelineConfig(Strict):
                     update={"hyperparameters": PretrainHyperparameters(**small)}
                 ),
                 "recipe_hyperparameters": RecipeHyperparameters(
-                    **small, lora_r=8, lora_alpha=16, deepspeed="zero2"
+                    **small, lora_r=8, lora_alpha=16
                 ),
                 "retries": RetrySettings(retries=1, delay_seconds=1),
                 "preflight": PreflightSettings(workers=2),

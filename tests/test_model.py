@@ -206,3 +206,21 @@ def test_builder_errors_name_the_flag(parts, tmp_path):
         build_bunny_model(tmp_path, "phi-3", parts / "siglip", "mlp2x_gelu")
     with pytest.raises(ValueError, match="is a 'llama' model, but --model_type phi-3"):
         build_bunny_model(parts / "llama", "phi-3", parts / "siglip", "mlp2x_gelu")
+
+
+def test_text_only_batches_still_give_trainable_vision_parameters_a_gradient(parts):
+    """Under ZeRO-3 a trainable parameter without a gradient breaks the reduction step."""
+    model = build_bunny_model(parts / "phi3", "phi-3", parts / "siglip", "mlp2x_gelu").train()
+    model.requires_grad_(False)
+    model.get_model().mm_projector.requires_grad_(True)
+    model.get_vision_tower().requires_grad_(True)
+    input_ids = torch.tensor([[1, 5, 6, 7]])
+    labels = torch.tensor([[-100, 5, 6, 7]])
+    reference = model(input_ids=input_ids, labels=labels).loss
+    model.zero_grad()
+    loss = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels).loss
+    loss.backward()
+    torch.testing.assert_close(loss, reference)
+    vision = [*model.get_vision_tower().parameters(), *model.get_model().mm_projector.parameters()]
+    assert all(p.grad is not None for p in vision)
+    assert all(p.grad.abs().sum() == 0 for p in vision)  # present, and zero: the loss is unchanged

@@ -185,7 +185,7 @@ class BunnyMetaForCausalLM:
 
     def prepare_multimodal_inputs(self, input_ids, attention_mask, labels, images, pad_left: bool = False):
         features = self.encode_images(images) if images is not None and len(images) else None
-        return splice_image_features(
+        embeds, attention_mask, labels = splice_image_features(
             input_ids,
             attention_mask,
             labels,
@@ -194,6 +194,21 @@ class BunnyMetaForCausalLM:
             max_length=getattr(self.config, "tokenizer_model_max_length", None),
             pad_left=pad_left,
         )
+        if features is None and self.training and self._vision_is_trainable():
+            embeds = embeds + 0.0 * self._blank_image_features().sum()
+        return embeds, attention_mask, labels
+
+    def _vision_is_trainable(self) -> bool:
+        modules = (self.model.vision_tower, self.model.mm_projector)
+        return any(param.requires_grad for module in modules for param in module.parameters())
+
+    def _blank_image_features(self) -> torch.Tensor:
+        """Features of one blank image. A text-only batch adds them times zero, so the
+        trainable tower and projector still take part in the step: under ZeRO-3 (and DDP) a
+        trainable parameter without a gradient breaks the gradient reduction."""
+        size = self.model.vision_tower.config.image_size
+        blank = torch.zeros(1, 3, size, size, device=self.device)
+        return self.encode_images(blank)
 
     def forward(
         self,
@@ -206,7 +221,8 @@ class BunnyMetaForCausalLM:
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        if inputs_embeds is None and input_ids is not None and (images is not None or (input_ids < 0).any()):
+        multimodal = images is not None or bool((input_ids < 0).any()) if input_ids is not None else False
+        if inputs_embeds is None and input_ids is not None and (multimodal or (self.training and self._vision_is_trainable())):
             inputs_embeds, attention_mask, labels = self.prepare_multimodal_inputs(input_ids, attention_mask, labels, images)
             input_ids, position_ids = None, None
         if not (self.training and labels is not None):
