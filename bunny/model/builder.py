@@ -10,6 +10,20 @@ from transformers import AutoConfig, PretrainedConfig
 from bunny.model.families import LLMFamily, get_family
 
 _NOT_CONFIG_FIELDS = ("model_type", "architectures", "transformers_version", "auto_map")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+
+
+def resolve_attn_implementation(requested: str | None, dtype: torch.dtype | None) -> str | None:
+    """``auto`` picks ``flash_attention_2`` where the flash-attn package is installed and usable
+    (CUDA present) and the weights are bf16/fp16, the only dtypes its kernels take: it skips the
+    padded positions of a batch instead of masking them. Anything else gets PyTorch's SDPA."""
+    if requested != "auto":
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    if dtype in (torch.bfloat16, torch.float16) and is_flash_attn_2_available():
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def bunny_config_from_llm(llm_path: str | Path, family: LLMFamily) -> PretrainedConfig:
@@ -37,15 +51,18 @@ def build_bunny_model(
     select_layer: int = -2,
     pretrain_mm_mlp_adapter: str | Path | None = None,
     dtype: torch.dtype | None = None,
-    attn_implementation: str | None = "sdpa",
+    attn_implementation: str | None = "auto",
 ):
     """LLM weights from ``llm_path``; tower weights from ``vision_tower``; a new projector
-    (or the pretrain stage's, from ``pretrain_mm_mlp_adapter``)."""
+    (or the pretrain stage's, from ``pretrain_mm_mlp_adapter``). ``attn_implementation``:
+    one of ``ATTN_IMPLEMENTATIONS`` (see :func:`resolve_attn_implementation`), or None for
+    the checkpoint's default."""
     family = get_family(model_type)
     if not Path(vision_tower).is_dir():
         raise FileNotFoundError(f"--vision_tower {vision_tower}: folder not found")
     config = bunny_config_from_llm(llm_path, family)
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    attn_implementation = resolve_attn_implementation(attn_implementation, dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = family.causal_lm_class.from_pretrained(str(llm_path), config=config, **kwargs)

@@ -18,6 +18,7 @@ import transformers
 from transformers import HfArgumentParser
 
 from bunny.conversation import get_template
+from bunny.model.builder import ATTN_IMPLEMENTATIONS
 from bunny.model.families import get_family
 from bunny.model.projector import is_known_projector, PROJECTOR_TYPES
 from bunny.train.ds_config import resolve_deepspeed_config
@@ -40,6 +41,11 @@ class ModelArguments:
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "mm_projector.bin of the pretrain stage"})
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "pretrain: train only the projector"})
     unfreeze_vision_tower: bool = field(default=False, metadata={"help": "also train the vision tower"})
+    attn_implementation: str = field(
+        default="auto",
+        metadata={"help": "auto (flash_attention_2 when flash-attn is installed and training runs in bf16/fp16, "
+                  "else sdpa), sdpa, flash_attention_2 or eager"},
+    )
 
 
 @dataclass
@@ -69,6 +75,11 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_bias: str = "none"
     mm_projector_lr: float | None = None
     group_by_modality_length: bool = False
+    zero3_layer_fetch: bool = field(
+        default=True,
+        metadata={"help": "under ZeRO-3, fetch parameters per transformer layer rather than per module "
+                  "(bunny/train/zero3.py); False restores DeepSpeed's per-module hooks"},
+    )
     remove_unused_columns: bool = False  # the collator's keys are the model's inputs
 
 
@@ -108,6 +119,9 @@ def check_flag_set(argv: list[str], model_args: ModelArguments, data_args: DataA
     get_template(model_args.version)
     if not is_known_projector(model_args.mm_projector_type):
         raise ValueError(f"unknown --mm_projector_type {model_args.mm_projector_type!r}; known: {', '.join(PROJECTOR_TYPES)}")
+    if model_args.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"unknown --attn_implementation {model_args.attn_implementation!r}; "
+                         f"known: {', '.join(ATTN_IMPLEMENTATIONS)}")
     if data_args.image_aspect_ratio not in ("square", "pad"):
         raise ValueError(f"unknown --image_aspect_ratio {data_args.image_aspect_ratio!r}; known: square, pad")
     for flag, path in (

@@ -25,13 +25,14 @@ if __package__ in (None, ""):  # run as a file (deepspeed bunny/train/train.py):
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer
+from transformers import AutoImageProcessor, AutoTokenizer, set_seed
 
 from bunny.data import DataCollator, SupervisedDataset, validate_dataset
 from bunny.model.builder import build_bunny_model
 from bunny.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
-from bunny.train.callbacks import FaultInjectionCallback, ProgressFileCallback
+from bunny.train.callbacks import FaultInjectionCallback, ProgressFileCallback, StepTimingCallback
 from bunny.train.trainer import BunnyTrainer
+from bunny.train.zero3 import fetch_whole_layers_under_zero3
 
 logger = logging.getLogger("bunny.train")
 COMPLETE_FILE = "training_complete.json"
@@ -107,6 +108,7 @@ def load_processors(model_args: ModelArguments, train_args: TrainingArguments):
 
 def train(argv: list[str]) -> Path:
     model_args, data_args, train_args = parse_args(argv)
+    set_seed(train_args.seed)  # before the model is built: new LoRA and projector weights are drawn from it
     stage = stage_of(model_args, train_args)
     output_dir = Path(train_args.output_dir)
 
@@ -127,6 +129,7 @@ def train(argv: list[str]) -> Path:
         model_args.mm_vision_select_layer,
         model_args.pretrain_mm_mlp_adapter,
         dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
     )
     model.config.use_cache = False
     model.config.image_aspect_ratio = data_args.image_aspect_ratio
@@ -134,6 +137,8 @@ def train(argv: list[str]) -> Path:
     model.config.tokenizer_padding_side = tokenizer.padding_side
     model.config.unfreeze_vision_tower = model_args.unfreeze_vision_tower
     model = set_trainable(model, model_args, train_args, stage)
+    if train_args.zero3_layer_fetch:
+        fetch_whole_layers_under_zero3(model)
     if train_args.gradient_checkpointing and train_args.gradient_checkpointing_kwargs is None:
         train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
@@ -149,6 +154,8 @@ def train(argv: list[str]) -> Path:
     callbacks = [ProgressFileCallback(output_dir)]
     if fault := FaultInjectionCallback.from_env():
         callbacks.append(fault)
+    if step_timing := StepTimingCallback.from_env(output_dir):
+        callbacks.append(step_timing)
     trainer = BunnyTrainer(
         model=model,
         args=train_args,
@@ -159,6 +166,7 @@ def train(argv: list[str]) -> Path:
         callbacks=callbacks,
         stage=stage,
         max_mismatches=math.floor(data_args.max_mismatch_fraction * len(dataset)),
+        step_timing=step_timing,
     )
     resume = find_resume_checkpoint(output_dir)
     if resume is not None:
