@@ -39,7 +39,7 @@ from typing import BinaryIO
 
 import torch
 
-from bunny.fsutil import atomic_output_dir
+from bunny.fsutil import atomic_output_dir, output_folder_problem
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -536,13 +536,8 @@ def copy_non_weight_files(checkpoint: Checkpoint, destination: Path) -> list[str
 
 
 def _check_output_path(output: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    resolved = output.resolve()
-    for folder in inputs:
-        source = folder.resolve()
-        if resolved == source or source in resolved.parents or resolved in source.parents:
-            raise AverageError(f"output {output} overlaps input model folder {folder}")
-    if (output.exists() or output.is_symlink()) and not overwrite:
-        raise AverageError(f"output {output} already exists (pass --overwrite to replace it)")
+    if problem := output_folder_problem(output, inputs, overwrite, "output"):
+        raise AverageError(problem)
 
 
 def _check_free_space(output: Path, needed: int) -> None:

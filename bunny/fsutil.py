@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +105,16 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
         temp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def output_folder_problem(output: Path, inputs: Sequence[Path], overwrite: bool, name: str) -> str | None:
+    """Why ``output`` may not be written (``name`` labels it in the message), or None: it
+    overlaps an input folder, or it exists and ``overwrite`` is off."""
+    resolved = output.resolve()
+    for folder in inputs:
+        source = folder.resolve()
+        if resolved == source or source in resolved.parents or resolved in source.parents:
+            return f"{name} {output} overlaps input folder {folder}"
+    if (output.exists() or output.is_symlink()) and not overwrite:
+        return f"{name} {output} already exists (pass --overwrite to replace it)"
+    return None

@@ -31,7 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from bunny.merge.inputs import LoraRun, MergeError
 from bunny.model.projector import build_projector
-from bunny.model.vision_tower import _TOWER_KINDS, VisionTower, read_vision_config
+from bunny.model.vision_tower import VisionTower, read_vision_config, tower_classes
 
 PEFT_PREFIX = "base_model.model."
 TOWER_PREFIX = "model.vision_tower."
@@ -173,14 +173,14 @@ def _tower(run: LoraRun, dtype: torch.dtype, tower_path: Path | None, state: dic
     keeps is an error, not a silently random weight."""
     if tower_path is None:
         config = dict(run.config.vision_tower_config)
-        config_class, model_class, _ = _TOWER_KINDS[config.pop("model_type")]
+        config_class, model_class = tower_classes(config.pop("model_type"))
         prefix = TOWER_PREFIX + "vision_tower."
         source = {"pretrained_model_name_or_path": None, "config": config_class(**config),
                   "state_dict": {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}}
         where = str(run.non_lora_file)
     else:
         config = read_vision_config(tower_path)
-        model_class = _TOWER_KINDS[config.model_type][1]
+        model_class = tower_classes(config.model_type)[1]
         source = {"pretrained_model_name_or_path": str(tower_path), "config": config}
         where = f"vision tower {tower_path}"
     with _quiet_loading():

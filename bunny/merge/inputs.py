@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from bunny.fsutil import output_folder_problem
 from bunny.model.families import FAMILIES, LLMFamily, get_family
 from bunny.model.vision_tower import read_vision_config
 
@@ -227,11 +228,6 @@ def find_processor_folders(run: LoraRun, model_base: Path, tower: Path | None) -
 def check_output_path(output: str | Path, inputs: list[Path], overwrite: bool) -> Path:
     """Refuse an existing output (unless ``overwrite``) and one that overlaps an input."""
     output = Path(output)
-    resolved = output.resolve()
-    for folder in inputs:
-        source = folder.resolve()
-        if resolved == source or source in resolved.parents or resolved in source.parents:
-            raise MergeError(f"--save-model-path {output} overlaps input folder {folder}")
-    if (output.exists() or output.is_symlink()) and not overwrite:
-        raise MergeError(f"--save-model-path {output} already exists (pass --overwrite to replace it)")
+    if problem := output_folder_problem(output, inputs, overwrite, "--save-model-path"):
+        raise MergeError(problem)
     return output

@@ -30,6 +30,14 @@ _TOWER_KINDS: dict[str, tuple[type, type, bool]] = {
 _FULL_MODEL_TYPES = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}
 
 
+def tower_classes(model_type: str) -> tuple[type, type]:
+    """``(config class, model class)`` of a supported tower's ``model_type``."""
+    if model_type not in _TOWER_KINDS:
+        raise ValueError(f"vision tower model_type {model_type!r} is not supported ({', '.join(_TOWER_KINDS)})")
+    config_class, model_class, _ = _TOWER_KINDS[model_type]
+    return config_class, model_class
+
+
 def read_vision_config(path: str | Path) -> PretrainedConfig:
     """Load the vision config of a local SigLIP/CLIP checkpoint (vision-only or two-tower)."""
     path = Path(path)
@@ -69,14 +77,14 @@ class VisionTower(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, select_layer: int = -2, **kwargs) -> "VisionTower":
         config = read_vision_config(path)
-        model_class = _TOWER_KINDS[config.model_type][1]
+        model_class = tower_classes(config.model_type)[1]
         encoder = model_class.from_pretrained(str(path), config=config, **kwargs)
         return cls(encoder, select_layer)
 
     @classmethod
     def from_config(cls, config: dict, select_layer: int = -2) -> "VisionTower":
         """Build an uninitialised tower from a config dict (weights come from a saved Bunny model)."""
-        config_class, model_class, _ = _TOWER_KINDS[config["model_type"]]
+        config_class, model_class = tower_classes(config["model_type"])
         encoder = model_class(config_class(**{k: v for k, v in config.items() if k != "model_type"}))
         return cls(encoder, select_layer)
 
