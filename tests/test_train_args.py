@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -98,3 +99,23 @@ def test_bad_input_stops_the_module_entry_point_before_training(tiny_assets, tmp
     assert result.returncode != 0
     assert "rec-7" in result.stderr and "bad.json" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_mismatched_samples_are_counted_named_and_stop_the_run_past_the_budget(tmp_path):
+    """The trainer pops `mismatched_ids` from every batch; past the budget the run fails,
+    naming the samples, and the report lists them all."""
+    from types import SimpleNamespace
+
+    from bunny.train.trainer import BunnyTrainer, TokenizationMismatchError
+
+    trainer = SimpleNamespace(
+        mismatched_ids=[], max_mismatches=2, args=SimpleNamespace(output_dir=str(tmp_path), should_save=True)
+    )
+    trainer.write_mismatch_report = lambda: BunnyTrainer.write_mismatch_report(trainer)
+    BunnyTrainer._record_mismatches(trainer, [])
+    BunnyTrainer._record_mismatches(trainer, ["rec-3", "rec-9"])
+    assert trainer.mismatched_ids == ["rec-3", "rec-9"]  # within budget: counted, run goes on
+    with pytest.raises(TokenizationMismatchError, match=r"3 samples could not be masked \(budget 2.*'rec-3', 'rec-9', 'rec-11'"):
+        BunnyTrainer._record_mismatches(trainer, ["rec-11"])
+    report = json.loads((tmp_path / "tokenization_mismatches.json").read_text())
+    assert report == {"count": 3, "ids": ["rec-3", "rec-9", "rec-11"]}
