@@ -112,7 +112,7 @@ def train(argv: list[str]) -> Path:
     stage = stage_of(model_args, train_args)
     output_dir = Path(train_args.output_dir)
 
-    validate_dataset(
+    records = validate_dataset(
         data_args.data_path,
         data_args.image_folder,
         model_args.version,
@@ -150,6 +150,7 @@ def train(argv: list[str]) -> Path:
         data_args.image_folder,
         data_args.image_aspect_ratio,
         train_args.model_max_length,
+        records=records,  # already loaded (and checked) by the validation pass
     )
     callbacks = [ProgressFileCallback(output_dir)]
     if fault := FaultInjectionCallback.from_env():
