@@ -71,6 +71,13 @@ class TrainingHyperparameters(Strict):
     per_device_train_batch_size: int
     per_device_eval_batch_size: int = 4
     gradient_accumulation_steps: int = 4
+    global_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="samples per optimizer step across all GPUs; when set, gradient_accumulation_steps "
+        "is derived from it and the stage's GPU count, so the recipe's global batch survives a change "
+        "of GPUs (None: use gradient_accumulation_steps as given)",
+    )
     evaluation_strategy: str = "no"
     save_strategy: str = "steps"
     save_steps: int
@@ -101,12 +108,28 @@ class TrainingHyperparameters(Strict):
             raise ValueError(f"extra_flags {clashes} must be set through their own fields")
         return flags
 
-    def to_argv(self) -> list[str]:
-        """`--flag value` pairs in field order, None fields omitted, extra_flags last."""
+    def accumulation_steps(self, world_size: int | None) -> int:
+        """Gradient accumulation that keeps `global_batch_size` on `world_size` GPUs (the
+        configured value when either is unknown)."""
+        if self.global_batch_size is None or world_size is None:
+            return self.gradient_accumulation_steps
+        per_step = self.per_device_train_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of per_device_train_batch_size "
+                f"{self.per_device_train_batch_size} x {world_size} GPUs"
+            )
+        return self.global_batch_size // per_step
+
+    def to_argv(self, world_size: int | None = None) -> list[str]:
+        """`--flag value` pairs in field order, None fields omitted, extra_flags last.
+        `world_size`: the stage's GPU count, for `global_batch_size`."""
         argv: list[str] = []
         for name in type(self).model_fields:
             value = getattr(self, name)
-            if name == "extra_flags" or value is None:
+            if name == "gradient_accumulation_steps":
+                value = self.accumulation_steps(world_size)
+            if name in ("extra_flags", "global_batch_size") or value is None:
                 continue
             argv += [f"--{name}", format_flag_value(value)]
         for name, value in self.extra_flags.items():
@@ -122,6 +145,7 @@ class PretrainHyperparameters(TrainingHyperparameters):
     tune_mm_mlp_adapter: bool | None = True
     image_aspect_ratio: Literal["square", "pad"] = "square"
     per_device_train_batch_size: int = 8
+    global_batch_size: int | None = 256  # the tutorial's 8 GPUs x 8 x 4
     save_steps: int = 24000
     learning_rate: float = 1e-3
     model_max_length: int = 2048
@@ -138,6 +162,7 @@ class RecipeHyperparameters(TrainingHyperparameters):
     version: str = "phi3"
     image_aspect_ratio: Literal["square", "pad"] = "pad"
     group_by_modality_length: bool | None = False
+    global_batch_size: int | None = 128  # the tutorial's 8 GPUs x 4 x 4
     per_device_train_batch_size: int = 4
     save_steps: int = 500
     learning_rate: float = 2e-4
@@ -337,6 +362,7 @@ class PipelineConfig(Strict):
             per_device_train_batch_size=2,
             per_device_eval_batch_size=2,
             gradient_accumulation_steps=1,
+            global_batch_size=None,
             save_steps=max(1, steps // 3),
             max_steps=steps,
             model_max_length=256,

@@ -165,9 +165,17 @@ class AverageJob(StageJob):
         return {"CUDA_VISIBLE_DEVICES": "", **self.env}
 
 
+def world_size(placement: Placement) -> int | None:
+    """GPUs a stage trains on: its devices, 1 on the CPU, unknown when a hostfile or an
+    explicit `include` leaves the choice to deepspeed."""
+    if placement.devices:
+        return len(placement.devices)
+    return 1 if placement.on_cpu else None
+
+
 def training_flags(
     config: PipelineConfig, stage_dir: StageDir, data_path: Path, image_folder: Path,
-    hyperparameters: TrainingHyperparameters,
+    hyperparameters: TrainingHyperparameters, placement: Placement,
 ) -> list[str]:
     """Path flags from the config, then the stage's hyperparameters."""
     return [
@@ -176,7 +184,7 @@ def training_flags(
         "--data_path", str(data_path),
         "--image_folder", str(image_folder),
         "--output_dir", str(stage_dir.output),
-        *hyperparameters.to_argv(),
+        *hyperparameters.to_argv(world_size(placement)),
     ]
 
 
@@ -186,27 +194,29 @@ def pipeline_jobs(config: PipelineConfig, placements: Mapping[str, Placement]) -
     jobs: dict[str, StageJob] = {}
     common = dict(runtime=config.runtime, retries=config.retries)
     pretrain = config.pretrain
+    placement = placements.get(PRETRAIN, Placement())
     jobs[PRETRAIN] = TrainJob(
         stage=PRETRAIN,
         stage_dir=root / PRETRAIN,
-        placement=placements.get(PRETRAIN, Placement()),
+        placement=placement,
         env=pretrain.launch.env,
         timeout_hours=pretrain.launch.timeout_hours,
         flags=training_flags(config, StageDir(root / PRETRAIN), pretrain.data.data_path,
-                             pretrain.data.image_folder, pretrain.hyperparameters),
+                             pretrain.data.image_folder, pretrain.hyperparameters, placement),
         **common,
     )
     for recipe in config.recipes:
         hyperparameters = config.recipe_settings(recipe)
+        placement = placements.get(recipe.name, Placement())
         jobs[recipe.name] = TrainJob(
             stage=recipe.name,
             stage_dir=root / recipe.name,
-            placement=placements.get(recipe.name, Placement()),
+            placement=placement,
             env=recipe.launch.env,
             timeout_hours=recipe.launch.timeout_hours,
             upstream=[PRETRAIN],
             flags=training_flags(config, StageDir(root / recipe.name), recipe.data.data_path,
-                                 recipe.data.image_folder, hyperparameters),
+                                 recipe.data.image_folder, hyperparameters, placement),
             **common,
         )
     post = config.postprocess

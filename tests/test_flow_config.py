@@ -134,3 +134,23 @@ def test_demo_config_is_small_and_cpu_friendly(tiny_assets, tmp_path):
     for hp in [config.pretrain.hyperparameters, *map(config.recipe_settings, config.recipes)]:
         assert hp.max_steps == 9 and hp.save_steps == 3 and not hp.bf16 and not hp.tf32
     assert config.recipes[1].overrides == {"unfreeze_vision_tower": True}
+
+
+def test_global_batch_is_kept_when_the_gpu_count_changes(tmp_path):
+    """The tutorial's global batch (256 pretrain, 128 recipes) on 8 GPUs; recipes sharing an
+    8-GPU host 4 + 4 accumulate twice as many micro-batches; the CPU path accumulates all."""
+    config = tutorial_config(tmp_path)
+
+    def accumulation(stage, devices):
+        placements = {name: Placement(devices=tuple(range(8))) for name in ("pretrain", "recipe-1", "recipe-2")}
+        job = pipeline_jobs(config, {**placements, stage: Placement(devices=devices)})[stage]
+        flags = job.command({PRETRAIN: tmp_path / "out" / PRETRAIN / "output"}, 29501)
+        return int(flags[flags.index("--gradient_accumulation_steps") + 1])
+
+    assert accumulation(PRETRAIN, tuple(range(8))) == 4
+    assert accumulation("recipe-1", (0, 1, 2, 3)) == 8
+    assert accumulation("recipe-2", ()) == 32  # CPU: 128 / (4 x 1)
+    with pytest.raises(ValueError, match="global_batch_size 128 is not a multiple of per_device_train_batch_size 4 x 3 GPUs"):
+        accumulation("recipe-1", (0, 1, 2))
+    hyper = config.recipe_settings(config.recipes[0]).model_copy(update={"global_batch_size": None})
+    assert hyper.accumulation_steps(3) == 4  # not set: the configured value
