@@ -17,16 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bunny.fsutil import atomic_output_dir
-from bunny.tiny.data import (
-    FINETUNE_IMAGES,
-    HELDOUT_JSON,
-    PRETRAIN_IMAGES,
-    PRETRAIN_JSON,
-    RECIPE1_JSON,
-    RECIPE2_JSON,
-    check_sizes,
-    write_tiny_datasets,
-)
+from bunny.tiny.data import TinyDataPaths, check_sizes, write_tiny_datasets
 from bunny.tiny.models import save_tiny_llm, save_tiny_vision_tower
 
 MARKER = "tiny_assets.json"
@@ -64,12 +55,7 @@ def _assets_in(root: Path) -> TinyAssets:
         root=root,
         llm=root / LLM_DIR,
         vision_tower=root / VISION_TOWER_DIR,
-        pretrain_data=root / PRETRAIN_JSON,
-        pretrain_images=root / PRETRAIN_IMAGES,
-        recipe1_data=root / RECIPE1_JSON,
-        recipe2_data=root / RECIPE2_JSON,
-        finetune_images=root / FINETUNE_IMAGES,
-        heldout_data=root / HELDOUT_JSON,
+        **asdict(TinyDataPaths.under(root)),
     )
 
 

@@ -315,6 +315,18 @@ class TinyDataPaths:
     finetune_images: Path
     heldout_data: Path
 
+    @classmethod
+    def under(cls, root: Path) -> "TinyDataPaths":
+        """The one layout of the splits below an assets folder."""
+        return cls(
+            pretrain_data=root / PRETRAIN_JSON,
+            pretrain_images=root / PRETRAIN_IMAGES,
+            recipe1_data=root / RECIPE1_JSON,
+            recipe2_data=root / RECIPE2_JSON,
+            finetune_images=root / FINETUNE_IMAGES,
+            heldout_data=root / HELDOUT_JSON,
+        )
+
 
 def check_sizes(n_pretrain: int, n_finetune: int, n_heldout: int) -> None:
     """Reject split sizes below one record."""
@@ -333,14 +345,7 @@ def write_tiny_datasets(root: Path, seed: int, n_pretrain: int, n_finetune: int,
     """
     check_sizes(n_pretrain, n_finetune, n_heldout)
     scenes = _SceneSource()
-    paths = TinyDataPaths(
-        pretrain_data=root / PRETRAIN_JSON,
-        pretrain_images=root / PRETRAIN_IMAGES,
-        recipe1_data=root / RECIPE1_JSON,
-        recipe2_data=root / RECIPE2_JSON,
-        finetune_images=root / FINETUNE_IMAGES,
-        heldout_data=root / HELDOUT_JSON,
-    )
+    paths = TinyDataPaths.under(root)
 
     pretrain, pretrain_images = _pretrain_records(random.Random(f"{seed}/pretrain"), scenes, n_pretrain)
 
