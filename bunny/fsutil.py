@@ -118,3 +118,20 @@ def output_folder_problem(output: Path, inputs: Sequence[Path], overwrite: bool,
     if (output.exists() or output.is_symlink()) and not overwrite:
         return f"{name} {output} already exists (pass --overwrite to replace it)"
     return None
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write `text` (UTF-8) to `path` via a fsynced temporary file and a rename (JSONL, tables)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _sibling(path, TEMP_MARKER)
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)

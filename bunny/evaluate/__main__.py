@@ -1,0 +1,5 @@
+import sys
+
+from bunny.evaluate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from bunny.generate.cli import main
+
+sys.exit(main())
