@@ -127,3 +127,21 @@ def test_inputs_are_checked_before_anything_is_scored(construction, tmp_path):
         search_average_weights([folder, folder], never, grid=[0.5, 1.5])
     with pytest.raises(UserError, match="at least two models"):
         search_average_weights([folder], never)
+
+
+def test_cli_writes_the_chosen_average_and_the_curve(construction, tmp_path, capsys):
+    from bunny.evaluate.search_weights import main
+
+    base, gradient, data, save = construction
+    direction = orthogonal_direction(gradient, 0.1, seed=4)
+    first, second = save("cli-first", base + 0.5 * direction), save("cli-second", base - 0.5 * direction)
+    curve = tmp_path / "curve.json"
+    assert main([str(first), str(second), "--data", str(data.path), "--image_folder", str(data.image_folder),
+                 "--grid", "1.0", "0.5", "--output", str(tmp_path / "avg"), "--curve", str(curve), "--device", "cpu"]) == 0
+    result = json.loads(curve.read_text())
+    assert result["weights"] == [0.5, 0.5] and [c["weights"] for c in result["curve"]] == [[1.0, 0.0], [0.5, 0.5]]
+    assert result["curve"][1]["loss"] < result["curve"][0]["loss"]
+    assert torch.allclose(saved_head(tmp_path / "avg"), base, atol=1e-6)
+    assert "chosen (grid): 0.5 / 0.5" in capsys.readouterr().out
+    assert main([str(first), str(second), "--data", str(data.path), "--grid", "2"]) == 2
+    assert "weight grid must be" in capsys.readouterr().err

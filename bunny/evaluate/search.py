@@ -48,6 +48,11 @@ class WeightSearchResult:
     loss: float  # the chosen candidate's validation loss
     output_dir: Path | None  # where the chosen average was written, if asked
 
+    def to_json(self) -> dict:
+        return {"method": self.method, "weights": list(self.weights), "loss": self.loss,
+                "output_dir": str(self.output_dir) if self.output_dir is not None else None,
+                "curve": [{"weights": list(c.weights), "loss": c.loss} for c in self.curve]}
+
 
 def _comparable(loss: float) -> float:
     return math.inf if math.isnan(loss) else loss
@@ -89,7 +94,7 @@ class _Candidates:
         return loss
 
 
-def _check_grid(grid: Sequence[float]) -> list[float]:
+def check_grid(grid: Sequence[float]) -> list[float]:
     values = [float(w) for w in grid]
     if not values or any(not 0.0 <= w <= 1.0 for w in values):
         raise UserError(f"weight grid must be a non-empty list of weights in [0, 1], got {list(grid)}")
@@ -98,7 +103,7 @@ def _check_grid(grid: Sequence[float]) -> list[float]:
 
 def _grid_search(candidates: _Candidates, grid: Sequence[float]) -> tuple[tuple[float, ...], float]:
     best: tuple[tuple[float, ...], float] | None = None
-    for w in _check_grid(grid):
+    for w in check_grid(grid):
         weights = (w, round(1.0 - w, 12))
         loss = candidates(weights)
         if best is None or _comparable(loss) < _comparable(best[1]):
@@ -146,7 +151,7 @@ def search_average_weights(
     if len(models) < 2:
         raise UserError(f"a weight search needs at least two models, got {len(models)}")
     if len(models) == 2:
-        _check_grid(grid)
+        check_grid(grid)
     if not -len(models) <= inherit_from < len(models):
         raise UserError(f"inherit_from={inherit_from} is not one of the {len(models)} models")
     try:
