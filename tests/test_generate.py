@@ -145,3 +145,35 @@ def test_questions_file_problems_name_the_record(tiny_model, tiny_assets, tmp_pa
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"bunny-generate: error: 2 record(s) of {questions_file} cannot be asked"
     assert "record 'empty' (#1): no question" in err[1] and "record 'stray' (#2)" in err[2]
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # PEFT on transformers 5
+def test_a_lora_run_is_merged_on_the_fly(tiny_assets, tmp_path):
+    from bunny.merge import merge_lora
+    from test_merge import make_run
+
+    run = make_run(tiny_assets, tmp_path / "lora", unfrozen=True, seed=11)
+    with pytest.raises(ModelLoadError, match=rf"model {run.folder} is a LoRA run: pass --model-base"):
+        load_model(run.folder, device="cpu")
+    on_the_fly = load_model(run.folder, model_base=tiny_assets.llm, device="cpu")
+    assert not [p for p in run.folder.parent.iterdir() if p.name.startswith("bunny-merge-")]  # scratch removed
+    merged = load_model(merge_lora(run.folder, tiny_assets.llm, tmp_path / "merged").output_dir, device="cpu")
+    questions = heldout_questions(tiny_assets, 2) + [Question("t", "What is red?")]
+    settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+    assert generate_answers(on_the_fly, questions, settings) == generate_answers(merged, questions, settings)
+
+
+def test_a_pretrain_output_loads_as_base_llm_plus_its_projector(tiny_assets, tmp_path):
+    """What train.py's pretrain stage writes: config.json + mm_projector.bin (projector only)."""
+    torch.manual_seed(13)
+    model = build_bunny_model(tiny_assets.llm, "phi-3", tiny_assets.vision_tower, "mlp2x_gelu", dtype=torch.float32).eval()
+    folder = tmp_path / "pretrain"
+    model.config.save_pretrained(folder)
+    projector = model.get_model().mm_projector.state_dict()
+    torch.save({f"model.mm_projector.{name}": value for name, value in projector.items()}, folder / "mm_projector.bin")
+    with pytest.raises(ModelLoadError, match="is a pretrain output"):
+        load_model(folder, device="cpu")
+    loaded = load_model(folder, model_base=tiny_assets.llm, device="cpu")
+    question = heldout_questions(tiny_assets, 1)[0]
+    assert generate_answers(loaded, [question], GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)) == [
+        reference_answer(type(loaded)(**{**loaded.__dict__, "model": model}), question)]
