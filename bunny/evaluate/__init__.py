@@ -19,7 +19,7 @@ from bunny.evaluate.evaluator import (
     load_eval_data,
 )
 from bunny.evaluate.normalize import answers_match, normalize_answer
-from bunny.evaluate.results import model_labels, summary_table, write_model_results, write_results
+from bunny.evaluate.results import model_labels, summary_table, write_model_results, write_results, write_summary
 
 __all__ = [
     "EvalData",
@@ -38,4 +38,5 @@ __all__ = [
     "summary_table",
     "write_model_results",
     "write_results",
+    "write_summary",
 ]

@@ -15,7 +15,7 @@ import torch
 
 from bunny.cli import UserError, add_debug_flag, run_cli
 from bunny.evaluate.evaluator import DEFAULT_MAX_NEW_TOKENS, EvalResult, EvalSettings, evaluate_model, load_eval_data
-from bunny.evaluate.results import model_labels, summary_table, write_results
+from bunny.evaluate.results import model_labels, summary_table, write_model_results, write_summary
 from bunny.generate.cli import add_model_arguments
 from bunny.generate.loading import ModelLoadError, load_model
 
@@ -53,13 +53,15 @@ def _main(args: argparse.Namespace) -> int:
     for path, label in zip(args.models, labels):
         loaded = load_model(path, model_base=args.model_base, template=args.template, device=args.device, dtype=args.dtype)
         results.append(evaluate_model(loaded, data, settings, name=label))
+        if args.output is not None:  # each model's results as soon as they exist
+            write_model_results(results[-1], args.output / label)
         del loaded
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     print(summary_table([result.summary for result in results]), end="")
     if args.output is not None:
-        write_results(results, args.output, labels)
+        write_summary(results, args.output)
         print(f"wrote per-record results and the summary to {args.output}")
     return 0
 

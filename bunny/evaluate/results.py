@@ -61,11 +61,16 @@ def write_model_results(result: EvalResult, folder: str | os.PathLike[str]) -> P
     return folder
 
 
-def write_results(results: Sequence[EvalResult], output: str | os.PathLike[str], labels: Sequence[str]) -> Path:
-    """Every model's results under ``output/<label>/``, then the combined summary and table."""
+def write_summary(results: Sequence[EvalResult], output: str | os.PathLike[str]) -> Path:
+    """The combined ``summary.json`` and ``summary.md`` of ``results`` in ``output``."""
     output = Path(output)
-    for result, label in zip(results, labels, strict=True):
-        write_model_results(result, output / label)
     write_json_atomic(output / SUMMARY_FILE, [asdict(r.summary) for r in results])
     write_text_atomic(output / TABLE_FILE, summary_table([r.summary for r in results]))
     return output
+
+
+def write_results(results: Sequence[EvalResult], output: str | os.PathLike[str], labels: Sequence[str]) -> Path:
+    """Every model's results under ``output/<label>/``, then the combined summary and table."""
+    for result, label in zip(results, labels, strict=True):
+        write_model_results(result, Path(output) / label)
+    return write_summary(results, output)
