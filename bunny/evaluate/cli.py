@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from bunny.cli import UserError, add_debug_flag, run_cli
 from bunny.evaluate.evaluator import DEFAULT_MAX_NEW_TOKENS, EvalResult, EvalSettings, evaluate_model, load_eval_data
@@ -69,4 +70,5 @@ def _main(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model: noise next to ours
     return run_cli(PROG, lambda: _main(args), debug=args.debug)

@@ -11,6 +11,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
 from bunny.cli import UserError, add_debug_flag, run_cli
 from bunny.fsutil import write_text_atomic
 from bunny.generate.answers import GenerationSettings, Question, answer_record, dumps_jsonl, iter_answers, load_questions
@@ -100,4 +102,5 @@ def _main(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model: noise next to ours
     return run_cli(PROG, lambda: _main(args), debug=args.debug)
