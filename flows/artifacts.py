@@ -18,6 +18,7 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -30,6 +31,8 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import ArtifactUpdate
 from prefect.exceptions import MissingContextError
 
 from bunny.train.callbacks import METRICS_FILE, PROGRESS_FILE
@@ -187,11 +190,19 @@ def loss_chart(title: str, history: Sequence[Mapping[str, Any]]) -> Chart:
     return line_chart(panels, title=title, x_label="optimizer step")
 
 
-def publish_loss_curve(stage: str, output: Path, final: bool = True) -> Path | None:
-    """`<stage>-loss`: the chart and summary numbers (markdown), also saved as `loss.png` in the
-    stage folder; when `final`, also `<stage>-loss-table`. Returns the PNG's path, if drawn.
+@dataclass(frozen=True)
+class LossReport:
+    """The `<stage>-loss` markdown, its description, and where its picture was saved."""
 
-    A chart that fails to draw is logged, never raised: training has finished by then."""
+    markdown: str
+    description: str
+    picture: Path | None
+
+
+def loss_report(stage: str, output: Path, final: bool) -> LossReport | None:
+    """The chart (also saved as `loss.png` in the stage folder) and summary numbers, or None
+    before the first logged loss. A chart that fails to draw is logged, never raised: training
+    must not fail for its picture."""
     history = loss_history(output)
     if not history:
         return None
@@ -202,18 +213,31 @@ def publish_loss_curve(stage: str, output: Path, final: bool = True) -> Path | N
         chart = loss_chart(f"{stage}: training loss", history)
         picture = chart.save(output.parent / LOSS_PICTURE)
         report.chart(chart, f"{stage} loss")
-    except Exception:  # noqa: BLE001 - observability must not fail a finished training
+    except Exception:  # noqa: BLE001 - observability must not fail a training
         _logger().exception("%s: could not draw the loss chart", stage)
     report.table([training_summary(output, history)])
-    table_key = artifact_key(stage, "loss-table")
     where = f"the picture: `{picture}`; " if picture else ""
-    report.text(f"_{where}every logged step: the `{table_key}` artifact at the end of the stage._")
-    create_markdown_artifact(markdown=report.markdown(), key=artifact_key(stage, "loss"),
-                             description=f"{stage} training loss ({state})")
+    report.text(f"_{where}every logged step: the `{artifact_key(stage, 'loss-table')}` artifact at the end of the stage._")
+    return LossReport(report.markdown(), f"{stage} training loss ({state})", picture)
+
+
+def publish_loss_curve(stage: str, output: Path, final: bool = True) -> Path | None:
+    """A new version of `<stage>-loss` and, when `final`, the `<stage>-loss-table`.
+    Returns the chart's PNG path, if one was drawn."""
+    report = loss_report(stage, output, final)
+    if report is None:
+        return None
+    create_markdown_artifact(markdown=report.markdown, key=artifact_key(stage, "loss"), description=report.description)
     if final:
-        create_table_artifact(table=loss_curve(output), key=table_key,
+        create_table_artifact(table=loss_curve(output), key=artifact_key(stage, "loss-table"),
                               description=f"{stage} loss per step (at most {MAX_LOSS_ROWS} rows, 4 significant digits)")
-    return picture
+    return report.picture
+
+
+def update_markdown_artifact(artifact_id: UUID, markdown: str, description: str | None = None) -> None:
+    """Replace a markdown artifact's content in place (Prefect has this only for progress)."""
+    update = ArtifactUpdate(data=markdown, description=description) if description else ArtifactUpdate(data=markdown)
+    get_client(sync_client=True).update_artifact(artifact_id=artifact_id, artifact=update)
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -224,9 +248,12 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 class TrainingProgress:
-    """A progress artifact kept in step with the trainer's `progress.json`, and the stage's
-    `<stage>-loss` chart redrawn from `metrics.jsonl` at most every `chart_interval_seconds`
-    while it trains (each redraw is a new version of the key; the UI shows the newest)."""
+    """A progress artifact kept in step with the trainer's `progress.json`, and a live
+    `<stage>-loss` chart redrawn from `metrics.jsonl` at most every `chart_interval_seconds`.
+
+    The live chart is one artifact version updated in place, so the run graph shows one live
+    node per stage (plus the final version `publish_loss_curve` adds at the end), not one node
+    per redraw; the UI shows its newest content."""
 
     def __init__(self, stage: str, output: Path, chart_interval_seconds: float = LIVE_CHART_SECONDS) -> None:
         self.stage = stage
@@ -236,6 +263,7 @@ class TrainingProgress:
         self.last: tuple[int, int] | None = None
         self.charted_step: int | None = None
         self.charted_at = -math.inf
+        self.chart_id: UUID | None = None
         self.artifact_id: UUID = create_progress_artifact(
             progress=0.0, key=artifact_key(stage, "progress"), description=f"{stage}: starting"
         )
@@ -254,7 +282,17 @@ class TrainingProgress:
         update_progress_artifact(self.artifact_id, progress=min(100.0, 100.0 * step / total), description=description)
         if "loss" in state and step != self.charted_step and time.monotonic() - self.charted_at >= self.chart_interval_seconds:
             self.charted_step, self.charted_at = step, time.monotonic()
-            publish_loss_curve(self.stage, self.output, final=False)
+            self.refresh_chart()
+
+    def refresh_chart(self) -> None:
+        report = loss_report(self.stage, self.output, final=False)
+        if report is None:
+            return
+        if self.chart_id is None:
+            self.chart_id = create_markdown_artifact(
+                markdown=report.markdown, key=artifact_key(self.stage, "loss"), description=report.description)
+        else:
+            update_markdown_artifact(self.chart_id, report.markdown, report.description)
 
     def finish(self, steps: int | None) -> None:
         update_progress_artifact(self.artifact_id, progress=100.0, description=f"{self.stage}: done ({steps} steps)")

@@ -29,6 +29,7 @@ from typing import Any
 SIGNIFICANT_DIGITS = 4
 DPI = 100
 DEFAULT_SIZE = (1000, 560)  # pixels: readable at the width of the Prefect UI's artifact page
+FONT = {"title": 14, "label": 12, "ticks": 11, "legend": 10.5}  # explicit: rcParams are global state
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,13 @@ def line_chart(
             ax.set_yscale("log")
         else:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useMathText=True)
-        ax.set_ylabel(panel.y_label)
+        ax.set_ylabel(panel.y_label, fontsize=FONT["label"])
+        ax.tick_params(labelsize=FONT["ticks"])
         ax.grid(True, alpha=0.3)
         if any(line.x for line in panel.lines):
-            ax.legend(loc="best", fontsize="small", framealpha=0.8)
-    axes[-1].set_xlabel(x_label)
-    axes[0].set_title(title, loc="left", fontweight="bold")
+            ax.legend(loc="best", fontsize=FONT["legend"], framealpha=0.8)
+    axes[-1].set_xlabel(x_label, fontsize=FONT["label"])
+    axes[0].set_title(title, loc="left", fontweight="bold", fontsize=FONT["title"])
     return _render(figure, size, title)
 
 
@@ -159,11 +161,12 @@ def bar_chart(
     bars = ax.barh(list(positions), numbers, color=bar_colors)
     ax.set_yticks(list(positions), labels)
     ax.invert_yaxis()  # first label on top
-    ax.bar_label(bars, labels=[format_number(v) for v in numbers], padding=3, fontsize="small")
-    ax.set_xlabel(value_label)
+    ax.bar_label(bars, labels=[format_number(v) for v in numbers], padding=3, fontsize=FONT["ticks"])
+    ax.set_xlabel(value_label, fontsize=FONT["label"])
+    ax.tick_params(labelsize=FONT["ticks"])
     ax.margins(x=0.12)
     ax.grid(True, axis="x", alpha=0.3)
-    ax.set_title(title, loc="left", fontweight="bold")
+    ax.set_title(title, loc="left", fontweight="bold", fontsize=FONT["title"])
     return _render(figure, size, title)
 
 
@@ -171,7 +174,9 @@ def _figure(size: tuple[int, int]):
     from matplotlib.figure import Figure
 
     width, height = size
-    return Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+    figure.set_facecolor("white")
+    return figure
 
 
 def _colors() -> list[str]:
@@ -204,7 +209,11 @@ def format_number(value: Any, digits: int = SIGNIFICANT_DIGITS) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+        if not math.isfinite(value):
+            return str(value)
+        if abs(value) >= 10 ** digits:  # 16534.5 -> "16,530", not "1.653e+04"
+            return f"{round_significant(value, digits):,.0f}"
+        return f"{value:.{digits}g}"
     return str(value)
 
 

@@ -77,8 +77,8 @@ def test_round_significant_keeps_four_digits_and_leaves_other_values_alone():
 
 
 def test_format_number():
-    assert [format_number(v) for v in (None, True, 8700, 6.360794544219971, 2e-4, "x")] == [
-        "—", "true", "8,700", "6.361", "0.0002", "x"]
+    assert [format_number(v) for v in (None, True, 8700, 6.360794544219971, 2e-4, 16534.5, -201234.5, "x")] == [
+        "—", "true", "8,700", "6.361", "0.0002", "16,530", "-201,200", "x"]
 
 
 def test_downsample_keeps_first_last_and_minimum_evenly_spaced():

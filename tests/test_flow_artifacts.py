@@ -21,10 +21,21 @@ class ArtifactRecorder:
     def __init__(self, monkeypatch):
         self.calls: list[tuple[str, str | None, object]] = []
         self.progress: dict[str, str] = {}
-        monkeypatch.setattr(artifacts, "create_markdown_artifact", lambda markdown, key, description=None: self.calls.append(("markdown", key, markdown)))
+        self.ids: dict[str, str] = {}
+        monkeypatch.setattr(artifacts, "create_markdown_artifact", self._create_markdown)
+        monkeypatch.setattr(artifacts, "update_markdown_artifact", lambda artifact_id, markdown, description=None: self.calls.append(("markdown-update", self.ids[artifact_id], markdown)))
         monkeypatch.setattr(artifacts, "create_table_artifact", lambda table, key, description=None: self.calls.append(("table", key, table)))
         monkeypatch.setattr(artifacts, "create_progress_artifact", self._create_progress)
         monkeypatch.setattr(artifacts, "update_progress_artifact", lambda artifact_id, progress, description=None: self.calls.append(("progress", self.progress[artifact_id], progress)))
+
+    def _create_markdown(self, markdown, key, description=None):
+        artifact_id = f"id-{len(self.ids)}"
+        self.ids[artifact_id] = key
+        self.calls.append(("markdown", key, markdown))
+        return artifact_id
+
+    def created(self, key: str) -> int:
+        return sum(1 for kind, k, _data in self.calls if k == key and kind == "markdown")
 
     def _create_progress(self, progress, key, description=None):
         artifact_id = f"id-{key}"
@@ -129,6 +140,7 @@ def test_live_refresh_publishes_new_versions_while_the_stage_trains(recorder, tm
 
     charts = recorder.versions("recipe-2-loss")
     assert len(charts) == 4  # one per new step while training, then the final one
+    assert recorder.created("recipe-2-loss") == 2  # the live one (updated in place), then the final version
     assert [c.splitlines()[0] for c in charts] == [f"### recipe-2: training loss (live, step {s})" for s in range(1, 4)] + [
         "### recipe-2: training loss (final)"]
     for chart in charts:
