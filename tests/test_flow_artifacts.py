@@ -234,3 +234,27 @@ def test_live_chart_is_one_artifact_updated_in_place_on_a_prefect_server(tmp_pat
     assert latest.description == "recipe-1 training loss (live, step 2)"
     assert decode_png(latest.data).size == DEFAULT_SIZE
     assert len(versions) == 1
+
+
+def load_ui_snapshot():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "ui_snapshot.py"
+    spec = importlib.util.spec_from_file_location("ui_snapshot", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["not-a-uuid", "--api-url", "http://127.0.0.1:9/api"], "'not-a-uuid' is not a flow run id"),
+    (["00000000-0000-0000-0000-000000000001", "--api-url", "http://127.0.0.1:9/api", "--chromium", "/nonexistent/chromium"],
+     "no Chromium found (/nonexistent/chromium)"),
+    (["00000000-0000-0000-0000-000000000001", "--api-url", "http://127.0.0.1:9/api", "--chromium", "/bin/true"],
+     "cannot reach the Prefect API at http://127.0.0.1:9/api (--api-url)"),
+])
+def test_ui_snapshot_refuses_bad_input_in_one_line(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv("BUNNY_DEBUG", raising=False)
+    assert load_ui_snapshot().main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ui_snapshot: error: {message}") and "Traceback" not in err
