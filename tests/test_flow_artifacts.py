@@ -126,6 +126,23 @@ def test_learning_rate_falls_back_to_the_single_key(tmp_path):
     assert [row["loss"] for row in rows] == [1.0, 0.5, 0.3333]
 
 
+def test_a_resumed_run_counts_each_step_once_with_its_latest_loss(tmp_path):
+    output = tmp_path / "recipe-1" / "output"
+    first_attempt = [metrics_line(s, 4, 1.0) for s in (1, 2, 3)]
+    resumed_from_step_2 = [metrics_line(s, 4, 0.5) for s in (3, 4)]
+    write_metrics(output, first_attempt + resumed_from_step_2)
+    assert [(r["step"], r["loss"]) for r in artifacts.loss_history(output)] == [(1, 1.0), (2, 1.0), (3, 0.5), (4, 0.5)]
+
+
+def test_importing_flows_does_not_import_the_plotting_library():
+    import subprocess
+    import sys
+
+    code = "import sys, flows.artifacts, flows.pipeline; print('matplotlib' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
 def test_live_refresh_publishes_new_versions_while_the_stage_trains(recorder, tmp_path):
     output = tmp_path / "recipe-2" / "output"
     progress = artifacts.TrainingProgress("recipe-2", output, chart_interval_seconds=0)
