@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.config import LaunchSettings, PipelineConfig, RetrySettings
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 POOLS = ("pool-a", "pool-b")
 
@@ -43,6 +43,7 @@ def api_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), **extra}
 
 
+@pytest.mark.slow
 def test_stages_on_overlapping_gpus_take_turns_through_global_slots(harness):
     from prefect import get_client
 
@@ -99,6 +100,7 @@ def one_stage_flow_script() -> str:
     )
 
 
+@pytest.mark.slow
 def test_two_flow_runs_at_once_with_the_same_master_port_both_complete(harness, tiny_assets, tmp_path):
     with socket.socket() as probe:
         probe.bind(("", 0))
@@ -131,9 +133,13 @@ def test_two_flow_runs_at_once_with_the_same_master_port_both_complete(harness, 
 def workers(harness, tmp_path_factory):
     """A `process` work pool per host stand-in, the per-stage flow deployed to each, a worker
     on each."""
-    from prefect import flow
+    from prefect import flow, get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
 
     logs = tmp_path_factory.mktemp("workers")
+    with get_client(sync_client=True) as client:
+        for pool in POOLS:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
     for pool in POOLS:
         flow.from_source(source=str(REPO), entrypoint="flows/stage_flow.py:bunny_stage").deploy(
             name=pool, work_pool_name=pool, build=False, push=False, print_next_steps=False,
@@ -159,6 +165,7 @@ def workers(harness, tmp_path_factory):
         log.close()
 
 
+@pytest.mark.slow
 def test_two_workers_on_two_pools_run_one_pipelines_recipes(workers, tiny_assets, tmp_path):
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
@@ -189,5 +196,17 @@ def test_two_workers_on_two_pools_run_one_pipelines_recipes(workers, tiny_assets
         marker = json.loads((root / stage / "stage-complete.json").read_text())
         assert marker["flow_run_id"] == pipeline_run_id, stage  # the pipeline run's stage, run elsewhere
 
-    again = bunny_pipeline(config)  # the same config again: every stage, remote ones too, is skipped
-    assert {row["status"] for row in again} == {"skipped"}
+
+def test_stage_deployments_are_named_after_their_work_pool(monkeypatch):
+    """`bunny-stage/<pool>` is how a stage finds its pool's deployment (flows.stages.RemoteStage)."""
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.flows import load_flow_from_entrypoint
+
+    from flows.stages import STAGE_FLOW
+
+    raw = yaml.safe_load((REPO / "deployments" / "stages.yaml").read_text())
+    PrefectYamlModel.model_validate(raw)
+    assert raw["deployments"] and all(d["name"] == d["work_pool"]["name"] for d in raw["deployments"])
+    monkeypatch.chdir(REPO)
+    for entrypoint in {d["entrypoint"] for d in raw["deployments"]}:
+        assert load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False).name == STAGE_FLOW
