@@ -179,7 +179,11 @@ class StageData(Strict):
 class LaunchSettings(Strict):
     """How a stage's processes start; not part of its completion key."""
 
-    hostfile: Path | None = Field(default=None, description="DeepSpeed hostfile for multi-node runs")
+    hostfile: Path | None = Field(
+        default=None,
+        description="DeepSpeed hostfile for a multi-node run ('host slots=N' lines); the stage's "
+        "global batch is kept over every GPU it lists (or that include selects)",
+    )
     include: str | None = Field(
         default=None,
         description="deepspeed --include, verbatim (e.g. 'node1:0,1@node2:0,1'); "
@@ -190,6 +194,12 @@ class LaunchSettings(Strict):
     )
     timeout_hours: float | None = Field(default=None, gt=0)
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
+    work_pool: str | None = Field(
+        default=None,
+        description="run this stage (and a recipe's merge) where this Prefect work pool's worker "
+        "runs, through the per-stage deployment 'bunny-stage/<work_pool>'; output_root, models and "
+        "data must be on storage both hosts share (default: in the pipeline's own flow run)",
+    )
 
 
 class PretrainStage(Strict):

@@ -1,25 +1,27 @@
 """Where each stage runs: its GPUs (or the CPU), its master port, its deepspeed launcher flags.
 
 Recipes get windows of the device list side by side; when there are too few GPUs for all of
-them at once, windows wrap around and overlap, and the per-device locks below make a recipe
-wait until the recipe on the same GPUs has finished — two stages never share a GPU. A stage's
-merge holds its recipe's GPUs too. With no GPU visible every stage takes the CPU path
-(`--num_gpus 1`, one process) and parallel stages split the cores between them.
+them at once, windows wrap around and overlap, and the GPU slots (`flows.slots`, one Prefect
+global concurrency slot per GPU of each host) make a recipe wait until the stage on the same
+GPUs has finished — two stages never share a GPU, even across flow runs. A stage's merge holds
+its recipe's GPUs too. With no GPU visible every stage takes the CPU path (`--num_gpus 1`, one
+process) and parallel stages split the cores between them.
+
+A plan covers the stages of one host: those whose `launch.work_pool` is the pool it is made
+for (None: the pipeline's own). A stage with a DeepSpeed hostfile spans the hosts it names;
+its GPUs are resolved with DeepSpeed's own hostfile and `--include` parsing, so the global
+batch is kept over all of them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from flows.config import LaunchSettings, PipelineConfig
-
-PORT_SEARCH_SPAN = 200
+from flows.slots import slot_name
 
 
 class GpuPlanError(ValueError):
@@ -29,17 +31,34 @@ class GpuPlanError(ValueError):
 @dataclass(frozen=True)
 class Placement:
     """Where one stage runs. `devices` empty means the CPU path, unless a hostfile or an
-    explicit `include` hands the choice to deepspeed."""
+    explicit `include` hands the choice to deepspeed; then `hosts` holds the GPUs it resolves
+    to (host -> GPU ids), empty when they cannot be known before the launch."""
 
     devices: tuple[int, ...] = ()
     include: str | None = None
     hostfile: Path | None = None
+    hosts: tuple[tuple[str, tuple[int, ...]], ...] = ()
     preferred_port: int = 29500
     cpu_threads: int | None = None
 
     @property
     def on_cpu(self) -> bool:
         return not self.devices and self.include is None and self.hostfile is None
+
+    @property
+    def world_size(self) -> int | None:
+        """GPUs the stage trains on over all its hosts (1 on the CPU; None: unknown)."""
+        if self.devices:
+            return len(self.devices)
+        if self.hosts:
+            return sum(len(ids) for _, ids in self.hosts)
+        return 1 if self.on_cpu else None
+
+    def gpu_slots(self) -> list[str]:
+        """The GPU slot names this stage holds while it runs (none on the CPU)."""
+        if self.devices:
+            return [slot_name(None, index) for index in self.devices]
+        return [slot_name(host, index) for host, ids in self.hosts for index in ids]
 
     def launcher_flags(self, master_port: int) -> list[str]:
         """deepspeed launcher flags (before the training script)."""
@@ -73,47 +92,75 @@ def visible_gpus() -> list[int]:
     return list(range(torch.cuda.device_count()))
 
 
+def resolve_hosts(hostfile: Path | None, include: str | None) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The GPUs per host a deepspeed launch with this hostfile and `--include` uses, by
+    DeepSpeed's own parsing (no hostfile: only an include that lists every GPU id can be
+    resolved; otherwise empty)."""
+    from deepspeed.launcher.runner import _parse_hostfile, parse_inclusion_exclusion, parse_node_config_list
+
+    if hostfile is None:
+        listed = parse_node_config_list(include or "")
+        if not listed or any(not ids for ids in listed.values()):
+            return ()
+        return tuple((host, tuple(ids)) for host, ids in listed.items())
+    try:
+        pool = _parse_hostfile(hostfile.read_text().splitlines())
+        active = parse_inclusion_exclusion(pool, include or "", "")
+    except OSError as exc:
+        raise GpuPlanError(f"hostfile {hostfile}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise GpuPlanError(f"hostfile {hostfile}{f' with include {include!r}' if include else ''}: {exc}") from exc
+    return tuple((host, tuple(ids)) for host, ids in active.items())
+
+
 def _explicit(launch: LaunchSettings, port: int) -> Placement | None:
     if launch.hostfile is None and launch.include is None:
         return None
-    return Placement(include=launch.include, hostfile=launch.hostfile, preferred_port=port)
+    return Placement(include=launch.include, hostfile=launch.hostfile,
+                     hosts=resolve_hosts(launch.hostfile, launch.include), preferred_port=port)
 
 
 def plan_placements(
-    config: PipelineConfig, visible: Sequence[int], cpu_count: int | None = None
+    config: PipelineConfig, visible: Sequence[int], cpu_count: int | None = None, work_pool: str | None = None
 ) -> dict[str, Placement]:
-    """Placement of pretrain and of every recipe (and so of its merge), keyed by stage name."""
+    """Placement of pretrain and of every recipe (and so of its merge) that runs on
+    `work_pool`'s host (None: the pipeline's own), keyed by stage name."""
     devices = list(config.gpus.devices if config.gpus.devices is not None else visible)
     missing = sorted(set(devices) - set(visible))
     if missing:
         raise GpuPlanError(f"gpus.devices {missing} are not visible (visible GPUs: {list(visible)})")
     base_port = config.gpus.master_port
-    recipes = config.recipes
+    ports = {recipe.name: base_port + index for index, recipe in enumerate(config.recipes, start=1)}
+    recipes = [recipe for recipe in config.recipes if recipe.launch.work_pool == work_pool]
+    plan_pretrain = config.pretrain.launch.work_pool == work_pool
     placements: dict[str, Placement] = {}
     if not devices:
         cores = cpu_count or os.cpu_count() or 1
         shared = config.runtime.cpu_threads
-        placements["pretrain"] = _explicit(config.pretrain.launch, base_port) or Placement(
-            preferred_port=base_port, cpu_threads=shared or cores
-        )
-        for index, recipe in enumerate(recipes, start=1):
-            placements[recipe.name] = _explicit(recipe.launch, base_port + index) or Placement(
-                preferred_port=base_port + index,
+        if plan_pretrain:
+            placements["pretrain"] = _explicit(config.pretrain.launch, base_port) or Placement(
+                preferred_port=base_port, cpu_threads=shared or cores
+            )
+        for recipe in recipes:
+            port = ports[recipe.name]
+            placements[recipe.name] = _explicit(recipe.launch, port) or Placement(
+                preferred_port=port,
                 cpu_threads=shared or max(1, cores // len(recipes)),
             )
         return placements
 
     problems = []
-    wanted = config.pretrain.launch.num_gpus or len(devices)
-    if wanted > len(devices):
-        problems.append(f"pretrain asks for {wanted} GPUs, {len(devices)} available")
-    placements["pretrain"] = _explicit(config.pretrain.launch, base_port) or Placement(
-        devices=tuple(devices[:wanted]), preferred_port=base_port
-    )
-    share = config.gpus.gpus_per_recipe or max(1, len(devices) // len(recipes))
+    if plan_pretrain:
+        wanted = config.pretrain.launch.num_gpus or len(devices)
+        if wanted > len(devices):
+            problems.append(f"pretrain asks for {wanted} GPUs, {len(devices)} available")
+        placements["pretrain"] = _explicit(config.pretrain.launch, base_port) or Placement(
+            devices=tuple(devices[:wanted]), preferred_port=base_port
+        )
+    share = config.gpus.gpus_per_recipe or max(1, len(devices) // max(1, len(recipes)))
     cursor = 0
-    for index, recipe in enumerate(recipes, start=1):
-        port = base_port + index
+    for recipe in recipes:
+        port = ports[recipe.name]
         explicit = _explicit(recipe.launch, port)
         if explicit is not None:
             placements[recipe.name] = explicit
@@ -131,63 +178,3 @@ def plan_placements(
     if problems:
         raise GpuPlanError("; ".join(problems))
     return placements
-
-
-class DeviceLocks:
-    """One lock per GPU id, taken in ascending order so two stages cannot deadlock."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[int, threading.Lock] = {}
-
-    @contextlib.contextmanager
-    def hold(self, devices: Sequence[int], on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-        """Hold every lock of `devices`; `on_wait` is called once if another stage has one."""
-        with self._guard:
-            locks = [self._locks.setdefault(d, threading.Lock()) for d in sorted(set(devices))]
-        with contextlib.ExitStack() as stack:
-            for lock in locks:
-                if not lock.acquire(blocking=False):
-                    if on_wait is not None:
-                        on_wait()
-                        on_wait = None
-                    lock.acquire()
-                stack.callback(lock.release)
-            yield
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind(("", port))
-        except OSError:
-            return False
-    return True
-
-
-class PortPool:
-    """Master ports handed out in this process; a port stays taken until its stage ends."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._taken: set[int] = set()
-
-    @contextlib.contextmanager
-    def reserve(self, preferred: int) -> Iterator[int]:
-        """The first port from `preferred` up that no running stage holds and that is free."""
-        with self._guard:
-            for port in range(preferred, preferred + PORT_SEARCH_SPAN):
-                if port not in self._taken and _bindable(port):
-                    self._taken.add(port)
-                    break
-            else:
-                raise RuntimeError(f"no free master port in {preferred}..{preferred + PORT_SEARCH_SPAN}")
-        try:
-            yield port
-        finally:
-            with self._guard:
-                self._taken.discard(port)
-
-
-DEVICE_LOCKS = DeviceLocks()
-PORTS = PortPool()

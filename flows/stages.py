@@ -44,6 +44,23 @@ def train_script() -> Path:
     return Path(spec.origin).parent / "train" / "train.py"
 
 
+STAGE_FLOW = "bunny-stage"  # the per-stage flow (flows/stage_flow.py), deployed once per work pool
+
+
+class RemoteStage(BaseModel):
+    """Where a stage runs when it is not in this flow run: the per-stage flow's deployment on
+    `work_pool`, which rebuilds the stage from `config` on that pool's host (its GPUs, its plan)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    work_pool: str
+    config: PipelineConfig
+
+    @property
+    def deployment(self) -> str:
+        return f"{STAGE_FLOW}/{self.work_pool}"
+
+
 class StageJob(BaseModel, ABC):
     """A stage, ready to run. Its inputs are the outputs of the `upstream` stages (passed to
     the task by Prefect, from their futures) and `external_inputs` (existing folders)."""
@@ -60,6 +77,10 @@ class StageJob(BaseModel, ABC):
     force: bool = False
     upstream: list[str] = Field(default_factory=list)
     external_inputs: dict[str, Path] = Field(default_factory=dict)
+    remote: RemoteStage | None = None
+    run_id: str | None = Field(
+        default=None, description="the pipeline run this stage belongs to, when run by the per-stage flow"
+    )
 
     @property
     def dir(self) -> StageDir:
@@ -165,14 +186,6 @@ class AverageJob(StageJob):
         return {"CUDA_VISIBLE_DEVICES": "", **self.env}
 
 
-def world_size(placement: Placement) -> int | None:
-    """GPUs a stage trains on: its devices, 1 on the CPU, unknown when a hostfile or an
-    explicit `include` leaves the choice to deepspeed."""
-    if placement.devices:
-        return len(placement.devices)
-    return 1 if placement.on_cpu else None
-
-
 def training_flags(
     config: PipelineConfig, stage_dir: StageDir, data_path: Path, image_folder: Path,
     hyperparameters: TrainingHyperparameters, placement: Placement,
@@ -184,15 +197,33 @@ def training_flags(
         "--data_path", str(data_path),
         "--image_folder", str(image_folder),
         "--output_dir", str(stage_dir.output),
-        *hyperparameters.to_argv(world_size(placement)),
+        *hyperparameters.to_argv(placement.world_size),
     ]
 
 
-def pipeline_jobs(config: PipelineConfig, placements: Mapping[str, Placement]) -> dict[str, StageJob]:
-    """Every stage of the pipeline, in dependency order: pretrain, recipes, merges, average."""
+def stage_work_pool(config: PipelineConfig, stage: str) -> str | None:
+    """The work pool a stage of `config` runs on (None: the pipeline's own flow run)."""
+    if stage == PRETRAIN:
+        return config.pretrain.launch.work_pool
+    for recipe in config.recipes:
+        if stage in (recipe.name, merge_stage_name(recipe.name)):
+            return recipe.launch.work_pool
+    return None
+
+
+def pipeline_jobs(
+    config: PipelineConfig, placements: Mapping[str, Placement], work_pool: str | None = None
+) -> dict[str, StageJob]:
+    """Every stage of the pipeline, in dependency order: pretrain, recipes, merges, average.
+    Stages of other work pools than `work_pool` (None: the pipeline's own) get `remote`."""
     root = config.output_root
     jobs: dict[str, StageJob] = {}
     common = dict(runtime=config.runtime, retries=config.retries)
+
+    def remote(stage: str) -> RemoteStage | None:
+        pool = stage_work_pool(config, stage)
+        return RemoteStage(work_pool=pool, config=config) if pool is not None and pool != work_pool else None
+
     pretrain = config.pretrain
     placement = placements.get(PRETRAIN, Placement())
     jobs[PRETRAIN] = TrainJob(
@@ -203,6 +234,7 @@ def pipeline_jobs(config: PipelineConfig, placements: Mapping[str, Placement]) -
         timeout_hours=pretrain.launch.timeout_hours,
         flags=training_flags(config, StageDir(root / PRETRAIN), pretrain.data.data_path,
                              pretrain.data.image_folder, pretrain.hyperparameters, placement),
+        remote=remote(PRETRAIN),
         **common,
     )
     for recipe in config.recipes:
@@ -217,6 +249,7 @@ def pipeline_jobs(config: PipelineConfig, placements: Mapping[str, Placement]) -
             upstream=[PRETRAIN],
             flags=training_flags(config, StageDir(root / recipe.name), recipe.data.data_path,
                                  recipe.data.image_folder, hyperparameters, placement),
+            remote=remote(recipe.name),
             **common,
         )
     post = config.postprocess
@@ -226,6 +259,7 @@ def pipeline_jobs(config: PipelineConfig, placements: Mapping[str, Placement]) -
             stage=name,
             stage_dir=root / name,
             placement=placements.get(recipe.name, Placement()),
+            remote=remote(name),
             env=post.env,
             timeout_hours=post.timeout_hours,
             upstream=[recipe.name],

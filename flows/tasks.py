@@ -31,10 +31,13 @@ from flows.artifacts import (
     publish_preflight,
 )
 from flows.config import MergeAverageConfig, PipelineConfig
-from flows.gpus import DEVICE_LOCKS, PORTS, visible_gpus
+from flows.gpus import visible_gpus
 from flows.launcher import LoggerLike, run_supervised, stopping
 from flows.markers import begin_attempt, mark_complete, read_json
+from flows.ports import HOST_PORTS, run_on_free_port
 from flows.preflight import PreflightError, run_merge_preflight, run_preflight
+from flows.remote import remote_stage
+from flows.slots import hold_gpu_slots
 from flows.stages import AverageJob, MergeJob, StageJob, TrainJob
 
 EVENT = {"bunny_event": True}  # marks the one-line stage reports (the demo prints only these)
@@ -55,7 +58,7 @@ def _run_stage(
     """Skip if complete; else prepare the folder, run `body` (returns seconds), mark complete."""
     logger = get_run_logger()
     inputs = {**job.external_inputs, **upstream}
-    run_id = _flow_run_id()
+    run_id = job.run_id or _flow_run_id()
     done = job.completion(inputs, run_id)
     if done is not None:
         publish_output(job.stage, done["summary"], skipped=True)
@@ -78,11 +81,11 @@ def _run_stage(
 
 
 def _launch(job: StageJob, command: list[str], env: dict[str, str], logger: LoggerLike,
-            on_tick: Callable[[], None] | None = None) -> float:
+            on_tick: Callable[[], None] | None = None, log: Path | None = None) -> float:
     return run_supervised(
         job.stage,
         command,
-        job.dir.next_log(),
+        log or job.dir.next_log(),
         env=env,
         timeout=job.timeout_seconds,
         grace=job.runtime.kill_grace_seconds,
@@ -94,8 +97,14 @@ def _launch(job: StageJob, command: list[str], env: dict[str, str], logger: Logg
 
 
 def _waiting(job: StageJob, logger: LoggerLike) -> Callable[[], None]:
-    devices = ",".join(map(str, job.placement.devices))
-    return lambda: logger.info("%s: waiting for GPUs %s (another stage is using them)", job.stage, devices)
+    slots = ", ".join(job.placement.gpu_slots())
+    return lambda: logger.info("%s: waiting for GPU slots %s (another stage or flow run holds them)",
+                               job.stage, slots, extra=EVENT)
+
+
+def _port_collision(job: StageJob, logger: LoggerLike) -> Callable[[int], None]:
+    return lambda port: logger.warning("%s: master port %d was taken before the launch could bind it; "
+                                       "relaunching on another port (no retry spent)", job.stage, port)
 
 
 @task(name="train", task_run_name="{job.stage}", cache_policy=NO_CACHE)
@@ -103,10 +112,14 @@ def train_stage(job: TrainJob, upstream: dict[str, Path]) -> Path:
     """One deepspeed training run; resumes from its newest checkpoint after a failure."""
 
     def body(inputs: dict[str, Path], logger: LoggerLike) -> float:
-        with DEVICE_LOCKS.hold(job.placement.devices, _waiting(job, logger)):
+        with hold_gpu_slots(job.placement.gpu_slots(), _waiting(job, logger)):
             progress = TrainingProgress(job.stage, job.dir.output)
-            with PORTS.reserve(job.placement.preferred_port) as port:
-                seconds = _launch(job, job.command(inputs, port), job.environment(), logger, progress.update)
+            log = job.dir.next_log()  # a relaunch on another port appends to the same attempt's log
+            seconds = run_on_free_port(
+                HOST_PORTS, job.placement.preferred_port,
+                lambda port: _launch(job, job.command(inputs, port), job.environment(), logger, progress.update, log),
+                _port_collision(job, logger),
+            )
         complete = read_json(job.dir.output / TRAINING_COMPLETE_FILE)
         if complete is None:
             raise RuntimeError(f"{job.stage}: train.py exited cleanly without writing {TRAINING_COMPLETE_FILE}")
@@ -122,7 +135,7 @@ def merge_stage(job: MergeJob, upstream: dict[str, Path]) -> Path:
     """LoRA + base LLM -> full model folder, on the recipe's own GPUs."""
 
     def body(inputs: dict[str, Path], logger: LoggerLike) -> float:
-        with DEVICE_LOCKS.hold(job.placement.devices, _waiting(job, logger)):
+        with hold_gpu_slots(job.placement.gpu_slots(), _waiting(job, logger)):
             return _launch(job, job.command(inputs), job.environment(), logger)
 
     return _run_stage(job, upstream, resumable=False, body=body)
@@ -186,7 +199,10 @@ def _retry_unless_stopping(_task: Any, _task_run: Any, _state: Any) -> bool:
 
 
 def stage_task(job: StageJob) -> Any:
-    """The task for `job`, with its retry settings."""
+    """The task for `job`, with its retry settings (a stage on another work pool: the task
+    that runs it there, whose flow run retries it)."""
+    if job.remote is not None:
+        return remote_stage.with_options(retry_condition_fn=_retry_unless_stopping)
     return STAGE_TASKS[type(job)].with_options(
         retries=job.retries.retries,
         retry_delay_seconds=job.retries.delay_seconds,
