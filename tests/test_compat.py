@@ -245,3 +245,26 @@ def test_our_earlier_non_lora_files_still_merge(our_recipe_2, our_merged, probe,
     again = {k: v for shard in out.glob("model-*.safetensors") for k, v in load_file(shard).items()}
     first = {k: v for shard in our_merged.glob("model-*.safetensors") for k, v in load_file(shard).items()}
     assert set(again) == set(first) and all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_our_earlier_merged_folders_are_refused_by_name_and_upgrade_once(our_merged, probe, tmp_path):
+    """An earlier merged folder (tower keys without ``vision_model.``, used layers only) would
+    load a random tower: refused, naming the upgrade; the upgrade restores the layout."""
+    from bunny.merge.shards import write_sharded
+    from bunny.merge.upgrade import main as upgrade_main
+
+    state = {k: v for shard in our_merged.glob("model-*.safetensors") for k, v in load_file(shard).items()}
+    unused = (".encoder.layers.1.", ".post_layernorm.", ".head.")
+    earlier = {k.replace("vision_tower.vision_tower.vision_model.", "vision_tower.vision_tower."): v
+               for k, v in state.items() if not any(part in k for part in unused)}
+    old = tmp_path / "old"
+    shutil.copytree(our_merged, old, ignore=shutil.ignore_patterns("model*.safetensors*"))
+    write_sharded(earlier, old, 10**9)
+    with pytest.raises(ValueError, match=f"{old} names its vision tower's tensors as this project's earlier.*bunny.merge.upgrade"):
+        AutoModelForCausalLM.from_pretrained(old)
+    assert upgrade_main([str(old), str(tmp_path / "new")]) == 0
+    upgraded = {k: v for shard in (tmp_path / "new").glob("model-*.safetensors") for k, v in load_file(shard).items()}
+    assert set(upgraded) == set(state) and all(torch.equal(upgraded[k], state[k]) for k in state)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "new", dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(our_merged, dtype=torch.float32)
+    assert torch.equal(probe_logits(model, probe), probe_logits(reference, probe))

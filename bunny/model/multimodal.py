@@ -17,7 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from bunny.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from bunny.model.projector import build_projector
-from bunny.model.vision_tower import VisionTower, read_vision_config
+from bunny.model.vision_tower import VisionTower, read_vision_config, upgrade_tower_key
 
 
 DEFAULT_SELECT_LAYER = -2  # the original's SigLIP tower always uses the second-to-last layer
@@ -210,6 +210,21 @@ class BunnyMetaForCausalLM:
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' ``from_pretrained``, refusing a folder written before this project
+        adopted the original's tower layout: its tower would load as random weights."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        earlier = [key for key in info["unexpected_keys"] if upgrade_tower_key(key) != key]
+        if earlier:
+            raise ValueError(
+                f"{args[0] if args else kwargs.get('pretrained_model_name_or_path')} names its vision tower's "
+                f"tensors as this project's earlier versions did ({earlier[0]}, ...): upgrade it once with "
+                "`python -m bunny.merge.upgrade OLD NEW`"
+            )
+        return (model, info) if want_info else model
 
     def get_model(self):
         return self.model
