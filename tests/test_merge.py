@@ -212,11 +212,11 @@ def test_dtype_and_shard_size(unfrozen_run, tiny_assets, inputs, tmp_path):
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     merged = load_merged(out, dtype=torch.bfloat16)
     assert merged.dtype == torch.bfloat16
-    # bf16 keeps 8 significant bits: each rounding moves a value by at most 2^-9 of it, one
-    # bf16 ulp (2^-8, relative) for two of them. The bf16 forward rounds the stored weights,
-    # then the outputs of each block (tower, projector, 2 decoder layers, lm_head): the
-    # logits carry a few such errors at their own scale. Allow 4 ulps of the largest logit
-    # (~0.66 here: 0.0103; measured 0.006); a wrong or unmerged weight moves them by ~0.1.
+    # bf16 keeps 8 significant bits: one rounding moves a value by at most half an ulp,
+    # 2^-8 of it. The bf16 forward rounds the stored weights, then the outputs of each block
+    # (tower, projector, 2 decoder layers, lm_head): the logits carry a few such errors at
+    # their own scale. Allow 4 roundings of the largest logit (~0.66 here: 0.0103; measured
+    # 0.006); an unmerged adapter moves them by more (see the float32 tests: > 0.01).
     expected = unfrozen_run.logits
     bound = 4 * 2**-8 * expected.abs().max().item()
     assert max_diff(logits_of(merged, inputs), expected) < bound
@@ -549,3 +549,31 @@ def test_merging_a_deepspeed_zero3_run_with_an_unfrozen_tower(deepspeed_run, sub
     merged_state = merged.state_dict()  # the trained tower, not the original one
     tower_keys = [key for key in trained if ".vision_tower." in key]
     assert all(torch.equal(merged_state[key.removeprefix("base_model.model.")], trained[key]) for key in tower_keys)
+
+
+def test_the_direct_merge_is_peft_s_merge_or_closer(unfrozen_run, tiny_assets, tmp_path):
+    """One addmm per layer instead of PEFT's LoRA modules. float32: the same weights. bf16:
+    the direct merge rounds W + delta once (computed in float32); PEFT rounds the delta to
+    bf16 first, then the sum. So the direct merge is never further from the exact (float32)
+    merge than PEFT's, and within the rounding of the bf16 base weight (W, on load) and of
+    the sum: half an ulp each, at most 2^-8 of the value."""
+    def merged(dtype, method):
+        merge_lora(unfrozen_run.folder, tiny_assets.llm, tmp_path / f"{dtype}-{method}", dtype=dtype, merge_method=method)
+        return load_file(tmp_path / f"{dtype}-{method}" / "model-00001-of-00001.safetensors")
+
+    exact, peft32 = merged("float32", "direct"), merged("float32", "peft")
+    base = load_file(tiny_assets.llm / "model.safetensors")
+    lora_targets = [k for k in exact if k.startswith("model.layers.") and k.endswith("proj.weight")]
+    assert lora_targets and all(not torch.equal(exact[k], base[k]) for k in lora_targets)  # LoRA was applied
+    assert set(exact) == set(peft32)
+    for key in exact:
+        torch.testing.assert_close(exact[key], peft32[key], rtol=1e-6, atol=1e-7)
+
+    direct16, peft16 = merged("bfloat16", "direct"), merged("bfloat16", "peft")
+    for key in lora_targets:
+        direct_error = (direct16[key].float() - exact[key]).abs()
+        peft_error = (peft16[key].float() - exact[key]).abs()
+        assert direct_error.max() <= peft_error.max(), key
+        assert bool((direct_error <= 2**-8 * (base[key].abs() + exact[key].abs()) + 2**-126).all()), key
+    with pytest.raises(ValueError, match="merge method 'fast'"):
+        merge_lora(unfrozen_run.folder, tiny_assets.llm, tmp_path / "x", merge_method="fast")

@@ -3,9 +3,9 @@
 Memory is the point. The base LLM is loaded once, by ``from_pretrained`` in the output dtype
 (one copy of its weights); the tower and the projector are built straight from their weights
 (the run's, or the frozen tower's original folder), so nothing is randomly initialised only to
-be overwritten; the LoRA layers are injected empty (meta tensors) and take the adapter's
-tensors, and ``merge_and_unload`` adds each layer's delta to its weight in place. Nothing is
-loaded twice and nothing is deep-copied.
+be overwritten; each LoRA delta is added to its weight in place, one ``addmm`` per layer (PEFT's
+own merge, kept for the adapters that need it, builds LoRA modules first and is several times
+slower). Nothing is loaded twice and nothing is deep-copied.
 
 Every key of the adapter and of ``non_lora_trainables.bin`` is first checked against a
 skeleton of the model on the meta device (no memory, milliseconds), so a mismatch is reported,
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -266,8 +267,74 @@ def load_unmerged_model(
     return model.eval()
 
 
-def merge_adapter(model: nn.Module, weights: CheckedWeights) -> nn.Module:
-    """Apply the adapter to ``model`` in place and fold it into the weights.
+MERGE_METHODS = ("direct", "peft")
+
+
+def direct_merge_unsupported(config: LoraConfig) -> str | None:
+    """Why ``W += scale * B @ A`` would not be what PEFT computes for this adapter (None: it is)."""
+    reasons = {
+        "use_dora": bool(getattr(config, "use_dora", False)),
+        "fan_in_fan_out": bool(getattr(config, "fan_in_fan_out", False)),
+        "rank_pattern": bool(getattr(config, "rank_pattern", None)),
+        "alpha_pattern": bool(getattr(config, "alpha_pattern", None)),
+        "bias": getattr(config, "bias", "none") != "none",
+        "lora_bias": bool(getattr(config, "lora_bias", False)),
+        "modules_to_save": bool(getattr(config, "modules_to_save", None)),
+        "target_parameters": bool(getattr(config, "target_parameters", None)),
+    }
+    return next((name for name, unsupported in reasons.items() if unsupported), None)
+
+
+def merge_adapter(model: nn.Module, weights: CheckedWeights, method: str = "direct") -> nn.Module:
+    """Fold the adapter into ``model``'s weights, in place.
+
+    ``direct`` (default): each target weight becomes ``W + scale * B @ A`` (scale
+    ``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA), one ``addmm`` per layer: no LoRA
+    modules are built, nothing is copied. A float32 weight is updated in place; a bf16/fp16
+    one is widened one layer at a time, updated in float32 and rounded once (PEFT rounds the
+    delta to the weight's dtype first, then the sum: twice). Adapters whose merge is not that
+    formula (DoRA, rank/alpha patterns, biases, ...) go through PEFT, as ``peft`` does always."""
+    if method not in MERGE_METHODS:
+        raise ValueError(f"merge method {method!r}: choose one of {', '.join(MERGE_METHODS)}")
+    plain = all(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in weights.adapter)
+    if method == "peft" or not plain or direct_merge_unsupported(weights.lora_config):
+        return _merge_with_peft(model, weights)
+    config = weights.lora_config
+    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for module, (down, up) in _lora_pairs(weights.adapter).items():
+            weight = parameters[module + ".weight"]
+            if weight.dtype == torch.float32:
+                weight.addmm_(up.float(), down.float(), alpha=scale)
+            else:
+                weight.copy_(torch.addmm(weight.float(), up.float(), down.float(), alpha=scale))
+    _check_merged_keys(model, weights)
+    return model
+
+
+def _lora_pairs(adapter: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module name: (lora_A weight [r, in], lora_B weight [out, r])}`` from the adapter's
+    tensors (checked against the model by :func:`check_adapter` already)."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in adapter.items():
+        module, _, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        pairs.setdefault(module, {})[part] = value
+    return {module: (parts["A.weight"], parts["B.weight"]) for module, parts in pairs.items()}
+
+
+def _check_merged_keys(model: nn.Module, weights: CheckedWeights) -> None:
+    keys = set(model.state_dict())
+    if keys != weights.model_keys:
+        raise RuntimeError(
+            "the merged model's weights differ from the model's own layout: "
+            f"extra {list_keys(sorted(keys - weights.model_keys))}, "
+            f"missing {list_keys(sorted(weights.model_keys - keys))}"
+        )
+
+
+def _merge_with_peft(model: nn.Module, weights: CheckedWeights) -> nn.Module:
+    """PEFT's own merge: LoRA layers injected, loaded, merged and unloaded.
 
     Adapter tensors narrower than the model (a bf16 adapter on a float32 merge) are widened
     first, so each delta is computed and rounded once, in the output precision."""
@@ -284,11 +351,5 @@ def merge_adapter(model: nn.Module, weights: CheckedWeights) -> nn.Module:
     if left_empty:
         raise MergeError(f"adapter tensors were not loaded: {list_keys(left_empty)}")
     merged = peft_model.merge_and_unload()
-    keys = set(merged.state_dict())
-    if keys != weights.model_keys:
-        raise RuntimeError(
-            "the merged model's weights differ from the model's own layout: "
-            f"extra {list_keys(sorted(keys - weights.model_keys))}, "
-            f"missing {list_keys(sorted(weights.model_keys - keys))}"
-        )
+    _check_merged_keys(merged, weights)
     return merged

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from bunny.average import DEFAULT_MAX_SHARD_SIZE
 from bunny.cli import add_debug_flag, run_cli
+from bunny.merge.assemble import MERGE_METHODS
 from bunny.merge.inputs import DTYPES
 from bunny.merge.merger import merge_lora
 from bunny.merge.space import format_size
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"largest weight shard, e.g. 5GB, 2GiB, 500MB (default {DEFAULT_MAX_SHARD_SIZE})",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    # PEFT's own merge, for benchmarks/merge_bench.py's comparison; not for everyday use.
+    parser.add_argument("--merge-method", choices=MERGE_METHODS, default="direct", help=argparse.SUPPRESS)
     return parser
 
 
@@ -64,6 +67,7 @@ def _merge(args: argparse.Namespace) -> int:
         vision_tower=args.vision_tower,
         overwrite=args.overwrite,
         max_shard_size=args.max_shard_size,
+        merge_method=args.merge_method,
     )
     tower = "trained, from the run" if result.tower_trained else "frozen, from its original folder"
     print(

@@ -56,14 +56,16 @@ def merge_lora(
     vision_tower: str | Path | None = None,
     overwrite: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    merge_method: str = "direct",
 ) -> MergeResult:
     """Merge the LoRA run in ``model_path`` (its output folder or a ``checkpoint-*``) into
     ``model_base`` and save the full model to ``save_model_path``.
 
     ``model_type``: the LLM family (``--model-type``; None: the run's own). ``dtype``: output
-    precision (None: the run's training dtype). ``vision_tower``: the frozen tower's folder
-    when it is no longer where the run recorded it. Raises ``MergeError`` for bad inputs,
-    before the base model is loaded.
+    precision (None: the run's training dtype). ``vision_tower``: the tower's folder when it
+    is not where the run recorded it. ``merge_method``: see
+    :func:`bunny.merge.assemble.merge_adapter` (``peft``: PEFT's own, for comparison).
+    Raises ``MergeError`` for bad inputs, before the base model is loaded.
     """
     model_base = Path(model_base)
     try:
@@ -87,7 +89,7 @@ def merge_lora(
     logger.info("loading %s (%s) with the tower from %s", model_base, out_dtype, tower_path or run.non_lora_file)
     model = load_unmerged_model(run, model_base, weights, tower_path, out_dtype)
     logger.info("merging the adapter of %s", run.folder)
-    model = merge_adapter(model, weights)
+    model = merge_adapter(model, weights, merge_method)
     config = model.config
     config.use_cache = True  # training turns the cache off; generation wants it
     config.dtype = out_dtype
