@@ -397,6 +397,8 @@ def test_corrupt_or_empty_run_files_are_named(frozen_run, tiny_assets, tmp_path)
         merge_lora(folder, tiny_assets.llm, tmp_path / "out")
     with pytest.raises(MergeError, match=f"--model-path {folder / NON_LORA} is a file, not a folder"):
         merge_lora(folder / NON_LORA, tiny_assets.llm, tmp_path / "out")
+    with pytest.raises(MergeError, match=f"--model-base {tiny_assets.llm / 'config.json'} is a file, not a folder"):
+        merge_lora(frozen_run.folder, tiny_assets.llm / "config.json", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

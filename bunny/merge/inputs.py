@@ -163,6 +163,8 @@ def _family(model_type: str) -> LLMFamily:
 def check_base_model(model_base: str | Path, run: LoraRun) -> PretrainedConfig:
     """The base LLM must be a plain checkpoint of the run's family with the same shapes."""
     base = Path(model_base)
+    if base.is_file():
+        raise MergeError(f"--model-base {base} is a file, not a folder: pass the base LLM's folder")
     if not base.is_dir():
         raise MergeError(f"--model-base {base}: folder not found")
     if not (base / CONFIG_FILE).is_file():

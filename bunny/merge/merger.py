@@ -31,6 +31,7 @@ from bunny.merge.inputs import (
     resolve_frozen_tower,
 )
 from bunny.merge.shards import sharded_size, write_sharded
+from bunny.model.compat import save_config
 from bunny.merge.space import check_free_space, format_size, free_bytes, is_disk_full
 
 logger = logging.getLogger("bunny.merge")
@@ -103,7 +104,7 @@ def merge_lora(
     try:
         with atomic_output_dir(output, overwrite=overwrite) as temp:
             shard_files, num_tensors, total_size = write_sharded(model.state_dict(), temp, max_shard_bytes)
-            config.save_pretrained(temp)
+            save_config(config, temp)  # with the fields transformers 4 reads
             if model.can_generate():
                 model.generation_config.save_pretrained(temp)
             tokenizer.save_pretrained(temp)

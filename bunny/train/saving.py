@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bunny.model.compat import save_config
+
 PROJECTOR_FILE = "mm_projector.bin"
 NON_LORA_FILE = "non_lora_trainables.bin"
 TOWER_KEY = ".vision_tower.vision_tower."
@@ -56,7 +58,7 @@ def save_projector(model: nn.Module, output_dir: Path, is_main: bool) -> None:
     state = gather_parameters(named)
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        unwrap_bunny_model(model).config.save_pretrained(output_dir)
+        save_config(unwrap_bunny_model(model).config, output_dir)
         torch_save_atomic({_strip_peft_prefix(k): v for k, v in state.items()}, output_dir / PROJECTOR_FILE)
 
 
@@ -83,7 +85,7 @@ def save_lora(model: nn.Module, output_dir: Path, is_main: bool, processors=()) 
         # save_embedding_layers=False: LoRA never touches the embeddings, and the check for
         # them would reload the base model's config on every save.
         model.save_pretrained(output_dir, state_dict=lora, save_embedding_layers=False)
-        unwrap_bunny_model(model).config.save_pretrained(output_dir)
+        save_config(unwrap_bunny_model(model).config, output_dir)
         torch_save_atomic(non_lora, output_dir / NON_LORA_FILE)
         for processor in processors:
             processor.save_pretrained(output_dir)
