@@ -8,7 +8,9 @@ through a model), the inputs of one recipe-2 merge:
     mlp2x_gelu projector and a SigLIP-so400m tower at the reference shapes, trained
     (`unfreeze_vision_tower`, so its weights sit in non_lora_trainables.bin; `--tower-layers`
     cuts its depth, 27 by default = uncut) or, with `--frozen-tower`, loaded from its folder.
-Then runs the merge in a child process and reports its wall time and peak RSS (ru_maxrss of
+Then runs the merge in a child process, with PEFT's merge (the old path, `--merge-method
+peft`) and with the direct addmm merge (the default), and reports each one's wall time and
+peak RSS and their ratio (ru_maxrss of
 the child, read by a small launcher process: the parent's memory is not counted), next to the
 RSS of a child that only imports the merge module (the fixed cost of torch + transformers +
 peft). Temporary files are deleted at the end.
@@ -181,30 +183,38 @@ def main(argv: list[str] | None = None) -> int:
         sizes = build_inputs(root, args.layers, args.tower_layers, args.frozen_tower, args.rank)
         build_seconds = time.perf_counter() - started
         _, import_rss, _ = child_peak_rss([sys.executable, "-c", "import bunny.merge"])
-        out = root / "merged"
-        wall, peak, printed = child_peak_rss([
-            sys.executable, "-m", "bunny.merge", "--model-path", str(root / "run"),
-            "--model-base", str(root / "base"), "--model-type", "phi-3", "--save-model-path", str(out),
-        ])
-        index = json.loads((out / "model.safetensors.index.json").read_text())
+        output_gb = None
+        runs = {}
+        for method in ("peft", "direct"):  # the old path first, then the new one, same inputs
+            out = root / f"merged-{method}"
+            wall, peak, printed = child_peak_rss([
+                sys.executable, "-m", "bunny.merge", "--model-path", str(root / "run"),
+                "--model-base", str(root / "base"), "--model-type", "phi-3", "--save-model-path", str(out),
+                "--merge-method", method,
+            ])
+            index = json.loads((out / "model.safetensors.index.json").read_text())
+            output_gb = index["metadata"]["total_size"] / GB
+            runs[method] = (wall, peak, printed)
+            shutil.rmtree(out)
         figures = {
             "layers": args.layers,
             "tower_layers": args.tower_layers,
             "tower": "frozen" if args.frozen_tower else "trained (unfrozen)",
             "lora_rank": args.rank,
             **{k: round(v, 3) for k, v in sizes.items()},
-            "output_gb": round(index["metadata"]["total_size"] / GB, 3),
-            "output_shards": len(set(index["weight_map"].values())),
-            "merge_wall_s": round(wall, 1),
-            "merge_peak_rss_gb": round(peak, 3),
+            "output_gb": round(output_gb, 3),
             "import_only_rss_gb": round(import_rss, 3),
-            "peak_over_base_llm": round(peak / sizes["base_llm_gb"], 2),
-            "peak_over_output": round(peak / (index["metadata"]["total_size"] / GB), 2),
             "inputs_build_s": round(build_seconds, 1),
         }
+        for method, (wall, peak, _) in runs.items():
+            figures[f"{method}_merge_wall_s"] = round(wall, 1)
+            figures[f"{method}_peak_rss_gb"] = round(peak, 3)
+            figures[f"{method}_peak_over_output"] = round(peak / output_gb, 2)
+        figures["speedup_direct_vs_peft"] = round(runs["peft"][0] / runs["direct"][0], 2)
+        printed = runs["direct"][2]
         print(printed)
         for key, value in figures.items():
-            print(f"{key:>22}: {value}")
+            print(f"{key:>26}: {value}")
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
     finally:

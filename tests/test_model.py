@@ -74,7 +74,7 @@ def test_tower_features_are_the_second_to_last_layer(parts, kind):
     if kind == "clip":
         expected = expected[:, 1:]  # CLIP's CLS token is dropped
     tower = VisionTower.from_pretrained(parts / kind)
-    assert len(tower.vision_tower.encoder.layers) == TOWER_SHAPE["num_hidden_layers"] - 1
+    assert tower.num_feature_layers == TOWER_SHAPE["num_hidden_layers"] - 1
     features = tower(pixels)
     assert features.shape == (2, PATCHES, 32)
     torch.testing.assert_close(features, expected)
@@ -177,7 +177,16 @@ def test_unfrozen_tower_receives_gradients_and_frozen_one_builds_no_graph(parts)
     assert not tower(images).requires_grad
     tower.requires_grad_(True)
     model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, images=images).loss.backward()
-    grads = [p.grad for p in tower.parameters()]
+    params = dict(tower.named_parameters())
+    # The last layer, the post-layernorm and the head stay in the module (the checkpoint
+    # layout) but never run: they stay frozen, so no trainable parameter lacks a gradient.
+    unused = {n for n in params if n.startswith(("vision_tower.vision_model.encoder.layers.2.",
+                                                   "vision_tower.vision_model.post_layernorm.",
+                                                   "vision_tower.vision_model.head."))}
+    assert unused == tower.unused_parameter_names() and len(unused) > 10
+    assert all(not params[n].requires_grad and params[n].grad is None for n in unused)
+    grads = [p.grad for n, p in params.items() if n not in unused]
+    assert all(p.requires_grad for n, p in params.items() if n not in unused)
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
@@ -221,6 +230,6 @@ def test_text_only_batches_still_give_trainable_vision_parameters_a_gradient(par
     loss = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels).loss
     loss.backward()
     torch.testing.assert_close(loss, reference)
-    vision = [*model.get_vision_tower().parameters(), *model.get_model().mm_projector.parameters()]
+    vision = [p for p in (*model.get_vision_tower().parameters(), *model.get_model().mm_projector.parameters()) if p.requires_grad]
     assert all(p.grad is not None for p in vision)
     assert all(p.grad.abs().sum() == 0 for p in vision)  # present, and zero: the loss is unchanged

@@ -22,7 +22,7 @@ from conftest import REPO, run_deepspeed
 
 pytestmark = pytest.mark.slow
 TUTORIAL = Path(__file__).with_name("tutorial")
-TOWER_PREFIX = "base_model.model.model.vision_tower.vision_tower."
+TOWER_PREFIX = "base_model.model.model.vision_tower.vision_tower.vision_model."
 
 
 @pytest.fixture(scope="module")

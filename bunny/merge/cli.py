@@ -13,8 +13,11 @@ import time
 from collections.abc import Sequence
 
 from bunny.average import DEFAULT_MAX_SHARD_SIZE
-from bunny.merge.inputs import DTYPES, MergeError
+from bunny.cli import add_debug_flag, run_cli
+from bunny.merge.assemble import MERGE_METHODS
+from bunny.merge.inputs import DTYPES
 from bunny.merge.merger import merge_lora
+from bunny.merge.space import format_size
 from bunny.model.families import FAMILIES
 
 
@@ -31,38 +34,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="output precision (default: the run's training dtype)")
     parser.add_argument(
         "--vision-tower",
-        help="folder of the frozen vision tower, when it moved from the path the run recorded "
-        "(an unfrozen tower's weights come from the run itself)",
+        help="folder of the vision tower, when it is not where the run recorded it (mm_vision_tower): "
+        "a frozen tower's weights come from there; the original Bunny's runs also take the tower's "
+        "config from there (an unfrozen tower's weights come from the run itself)",
     )
     parser.add_argument(
         "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
         help=f"largest weight shard, e.g. 5GB, 2GiB, 500MB (default {DEFAULT_MAX_SHARD_SIZE})",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    # PEFT's own merge, for benchmarks/merge_bench.py's comparison; not for everyday use.
+    parser.add_argument("--merge-method", choices=MERGE_METHODS, default="direct", help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    return run_cli("bunny-merge", lambda: _merge(args), debug=args.debug)
+
+
+def _merge(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    try:
-        result = merge_lora(
-            args.model_path,
-            args.model_base,
-            args.save_model_path,
-            args.model_type,
-            dtype=args.dtype,
-            vision_tower=args.vision_tower,
-            overwrite=args.overwrite,
-            max_shard_size=args.max_shard_size,
-        )
-    except MergeError as exc:
-        parser.exit(2, f"bunny-merge: error: {exc}\n")
+    result = merge_lora(
+        args.model_path,
+        args.model_base,
+        args.save_model_path,
+        args.model_type,
+        dtype=args.dtype,
+        vision_tower=args.vision_tower,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+        merge_method=args.merge_method,
+    )
     tower = "trained, from the run" if result.tower_trained else "frozen, from its original folder"
     print(
-        f"wrote {result.output_dir}: {result.num_tensors} tensors, {result.total_size / 1e9:.2f} GB "
+        f"wrote {result.output_dir}: {result.num_tensors} tensors, {format_size(result.total_size)} "
         f"{str(result.dtype).removeprefix('torch.')} in {len(result.shard_files)} shard(s) (vision tower {tower}), "
         f"{time.perf_counter() - started:.1f} s"
     )

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from bunny.cli import UserError
 from bunny.fsutil import output_folder_problem
 from bunny.model.families import FAMILIES, LLMFamily, get_family
+from bunny.model.multimodal import DEFAULT_SELECT_LAYER
 from bunny.model.vision_tower import read_vision_config
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,7 +47,7 @@ TOWER_SHAPE_FIELDS = (
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     """An input or output path that makes the merge impossible or unsafe."""
 
 
@@ -54,7 +56,7 @@ class LoraRun:
     """What one LoRA output folder holds: its Bunny config, adapter and non-LoRA weights."""
 
     folder: Path
-    config: PretrainedConfig  # the Bunny config saved by the run (vision_tower_config included)
+    config: PretrainedConfig  # the run's Bunny config, vision_tower_config filled in (see read_lora_run)
     family: LLMFamily
     adapter_config: Path
     adapter_weights: Path
@@ -77,10 +79,17 @@ def _describe_non_lora_folder(folder: Path) -> str:
             f"(expected {', '.join(LORA_FILES)}){hint}")
 
 
-def read_lora_run(model_path: str | Path, model_type: str | None = None) -> LoraRun:
+def read_lora_run(model_path: str | Path, model_type: str | None = None, vision_tower: str | Path | None = None) -> LoraRun:
     """Check a LoRA output folder's files and config; ``model_type`` (``--model-type``) must
-    match the family the run was trained with (None: take it from the folder's config)."""
+    match the family the run was trained with (None: take it from the folder's config).
+
+    This project's runs embed the tower's config; the original Bunny's name only its folder
+    (``mm_vision_tower``), whose ``config.json`` is read then (``vision_tower``,
+    ``--vision-tower``, replaces a folder that is not there)."""
     folder = Path(model_path)
+    if folder.is_file():
+        raise MergeError(f"--model-path {folder} is a file, not a folder: pass the LoRA run's output folder "
+                         "(or one of its checkpoint-* folders)")
     if not folder.is_dir():
         raise MergeError(f"--model-path {folder}: folder not found")
     if not (folder / ADAPTER_CONFIG).is_file() and not (folder / ADAPTER_WEIGHTS).is_file():
@@ -117,8 +126,31 @@ def read_lora_run(model_path: str | Path, model_type: str | None = None) -> Lora
             )
     config = AutoConfig.from_pretrained(str(folder))
     if not getattr(config, "vision_tower_config", None):
-        raise MergeError(f"--model-path {folder}: {folder / CONFIG_FILE} has no vision_tower_config")
+        config.vision_tower_config = _tower_config_from_folder(folder, config, vision_tower)
+    if not getattr(config, "mm_vision_select_layer", None):
+        config.mm_vision_select_layer = DEFAULT_SELECT_LAYER
     return LoraRun(folder, config, family, folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS, folder / NON_LORA_FILE)
+
+
+def _tower_config_from_folder(folder: Path, config: PretrainedConfig, override: str | Path | None) -> dict:
+    """The tower config of a run whose config only names the tower's folder (the original's)."""
+    recorded = getattr(config, "mm_vision_tower", None)
+    if override is not None:
+        path, source = Path(override), "--vision-tower"
+    elif recorded:
+        path, source = Path(recorded), f"mm_vision_tower in {folder / CONFIG_FILE}"
+    else:
+        raise MergeError(f"--model-path {folder}: {folder / CONFIG_FILE} names no vision tower "
+                         "(neither vision_tower_config nor mm_vision_tower)")
+    if not path.is_dir():
+        raise MergeError(
+            f"{source} {str(path)!r} is not a local folder, and {folder / CONFIG_FILE} embeds no "
+            "vision_tower_config: pass --vision-tower with the tower's folder"
+        )
+    try:
+        return read_vision_config(path).to_dict()
+    except (OSError, ValueError) as exc:
+        raise MergeError(f"{source} {path}: {str(exc).removeprefix(f'--vision_tower {path}: ')}") from exc
 
 
 def _family(model_type: str) -> LLMFamily:
@@ -131,6 +163,8 @@ def _family(model_type: str) -> LLMFamily:
 def check_base_model(model_base: str | Path, run: LoraRun) -> PretrainedConfig:
     """The base LLM must be a plain checkpoint of the run's family with the same shapes."""
     base = Path(model_base)
+    if base.is_file():
+        raise MergeError(f"--model-base {base} is a file, not a folder: pass the base LLM's folder")
     if not base.is_dir():
         raise MergeError(f"--model-base {base}: folder not found")
     if not (base / CONFIG_FILE).is_file():
@@ -194,6 +228,15 @@ def resolve_frozen_tower(run: LoraRun, override: str | Path | None) -> Path:
             f"(folder vs run: {', '.join(differing)})"
         )
     return path
+
+
+def existing_tower_folder(run: LoraRun, override: str | Path | None) -> Path | None:
+    """``--vision-tower`` or the recorded tower folder, when it exists (the image processor's
+    fallback source: the original Bunny's LoRA runs do not save it)."""
+    for candidate in (override, getattr(run.config, "mm_vision_tower", None)):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
 
 
 def resolve_dtype(name: str | None, run: LoraRun, base_config: PretrainedConfig) -> torch.dtype:

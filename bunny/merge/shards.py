@@ -12,7 +12,9 @@ at most ``max_shard_bytes`` (a larger tensor gets a shard of its own) and
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -55,28 +57,57 @@ def plan_shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[li
     return shards
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """One safetensors file; wider dtypes first so every tensor stays aligned."""
-    order = sorted(tensors, key=lambda name: -tensors[name].element_size())
+def safetensors_header(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> tuple[bytes, list[str]]:
+    """The header of a safetensors file holding tensors of these dtypes and shapes, and the
+    order their data follows in: wider dtypes first, so every tensor stays aligned."""
+    order = sorted(tensors, key=lambda name: -tensors[name][0].itemsize)
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name in order:
-        tensor = tensors[name]
-        if tensor.dtype not in DTYPE_NAMES:
-            raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
-        end = offset + _nbytes(tensor)
-        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, end]}
+        dtype, shape = tensors[name]
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+        end = offset + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
         offset = end
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)) + encoded)
+    return struct.pack("<Q", len(encoded)) + encoded, order
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file, each tensor's memory written as is.
+
+    On a failed write (a full disk) the file is closed with its own errors suppressed, so
+    the caller sees the write's error, not one raised while flushing during clean-up."""
+    header, order = safetensors_header({name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()})
+    handle = open(path, "wb")
+    try:
+        handle.write(header)
         for name in order:
             tensor = tensors[name].detach()
             if tensor.device.type != "cpu":
                 tensor = tensor.cpu()
             raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy when contiguous
             handle.write(raw.data)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            handle.close()
+        raise
+    handle.close()
+
+
+def sharded_size(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, max_shard_bytes: int) -> int:
+    """Bytes ``write_sharded`` writes for tensors of these shapes in ``dtype``: data, every
+    shard's header and the index (tied tensors counted twice: an upper bound)."""
+    metas = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in shapes.items()}
+    plan = plan_shards(metas, max_shard_bytes)
+    total = sum(math.prod(shape) * dtype.itemsize for shape in shapes.values())
+    for names in plan:
+        total += len(safetensors_header({name: (dtype, tuple(shapes[name])) for name in names})[0])
+    shard_name_length = len(SHARD_NAME.format(index=1, total=len(plan)))
+    total += sum(len(name) + shard_name_length + 12 for name in shapes) + 128  # index.json
+    return total
 
 
 def write_sharded(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> tuple[list[str], int, int]:

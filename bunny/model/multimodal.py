@@ -17,18 +17,47 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from bunny.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from bunny.model.projector import build_projector
-from bunny.model.vision_tower import VisionTower
+from bunny.model.vision_tower import VisionTower, read_vision_config, upgrade_tower_key
+
+
+DEFAULT_SELECT_LAYER = -2  # the original's SigLIP tower always uses the second-to-last layer
+
+
+def saved_tower_config(config) -> dict | None:
+    """The vision tower's config of a saved Bunny model (None for a plain LLM): embedded in
+    this project's configs, else read from the folder the original's ``mm_vision_tower``
+    names. Raises ``ValueError`` naming the field when that is not a local folder (the
+    published Bunny models name a hub id): pass ``vision_tower=<folder>`` to
+    ``from_pretrained`` (``--vision-tower`` on the command line)."""
+    if getattr(config, "vision_tower_config", None):
+        return dict(config.vision_tower_config)
+    recorded = getattr(config, "mm_vision_tower", None)
+    if not recorded:
+        return None
+    if not Path(recorded).is_dir():
+        raise ValueError(
+            f"the config's mm_vision_tower {recorded!r} is not a local folder and the config embeds no "
+            "vision_tower_config: pass vision_tower=<the tower's folder> to from_pretrained "
+            "(--vision-tower on the command line)"
+        )
+    return read_vision_config(recorded).to_dict()
 
 
 class BunnyMetaModel:
-    """Mixin for a family's base model. A config that carries ``vision_tower_config`` (a
-    saved Bunny model) builds the vision modules here; a plain LLM config gets them later
-    from :meth:`initialize_vision_modules`."""
+    """Mixin for a family's base model. A saved Bunny model's config builds the vision
+    modules here: this project's configs embed the tower's config (``vision_tower_config``);
+    the original Bunny's name only the tower's folder (``mm_vision_tower``), whose
+    ``config.json`` is read (weights come from the checkpoint either way). A plain LLM config
+    gets them later from :meth:`initialize_vision_modules`."""
 
     def __init__(self, config):
         super().__init__(config)
-        if getattr(config, "vision_tower_config", None):
-            self.vision_tower = VisionTower.from_config(config.vision_tower_config, config.mm_vision_select_layer)
+        tower_config = saved_tower_config(config)
+        if tower_config is not None:
+            config.vision_tower_config = tower_config
+            select_layer = getattr(config, "mm_vision_select_layer", None) or DEFAULT_SELECT_LAYER
+            config.mm_vision_select_layer = select_layer
+            self.vision_tower = VisionTower.from_config(tower_config, select_layer)
             self.mm_projector = build_projector(config.mm_projector_type, config.mm_hidden_size, config.hidden_size)
 
     def initialize_vision_modules(
@@ -164,7 +193,15 @@ class BunnyMetaForCausalLM:
     accepts_loss_kwargs = True  # HF Trainer passes num_items_in_batch to forward
     base_model_class: type  # the family's Bunny base model, set by each family
 
-    def __init__(self, config):
+    def __init__(self, config, vision_tower: str | Path | None = None):
+        """``vision_tower``: the tower's folder, for a config that names none that exists
+        (``from_pretrained(path, vision_tower=...)``); it replaces ``mm_vision_tower``."""
+        if vision_tower is not None:
+            if not Path(vision_tower).is_dir():
+                raise ValueError(f"vision_tower {vision_tower}: folder not found")
+            config.mm_vision_tower = str(vision_tower)
+            if not getattr(config, "vision_tower_config", None):
+                config.vision_tower_config = read_vision_config(vision_tower).to_dict()
         # Skip the family's own __init__ (it would build a plain base model first, a second
         # full copy of the LLM) and build the same three attributes with our base model.
         family_causal_lm = type(self).__mro__[type(self).__mro__.index(BunnyMetaForCausalLM) + 1]
@@ -173,6 +210,21 @@ class BunnyMetaForCausalLM:
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' ``from_pretrained``, refusing a folder written before this project
+        adopted the original's tower layout: its tower would load as random weights."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        earlier = [key for key in info["unexpected_keys"] if upgrade_tower_key(key) != key]
+        if earlier:
+            raise ValueError(
+                f"{args[0] if args else kwargs.get('pretrained_model_name_or_path')} names its vision tower's "
+                f"tensors as this project's earlier versions did ({earlier[0]}, ...): upgrade it once with "
+                "`python -m bunny.merge.upgrade OLD NEW`"
+            )
+        return (model, info) if want_info else model
 
     def get_model(self):
         return self.model

@@ -1,8 +1,10 @@
 """What a training stage writes: only its trainable weights, gathered under ZeRO-3.
 
 - pretrain: ``mm_projector.bin`` (keys ``model.mm_projector.*``) and ``config.json``;
-- LoRA: the PEFT adapter, ``non_lora_trainables.bin`` (projector, and the vision tower when
-  unfrozen; PEFT-prefixed keys), ``config.json``, the tokenizer and the image processor.
+- LoRA: the PEFT adapter, ``non_lora_trainables.bin`` (projector, and the whole vision tower
+  when unfrozen; PEFT-prefixed keys in the original Bunny's layout,
+  ``base_model.model.model.vision_tower.vision_tower.vision_model.*``), ``config.json``, the
+  tokenizer and the image processor.
 
 These are written in the output folder and in every ``checkpoint-*``, so any checkpoint
 can be merged. Files are written under temporary names and renamed, so a reader never sees a
@@ -17,8 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bunny.model.compat import save_config
+
 PROJECTOR_FILE = "mm_projector.bin"
 NON_LORA_FILE = "non_lora_trainables.bin"
+TOWER_KEY = ".vision_tower.vision_tower."
 
 
 def gather_parameters(named: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
@@ -53,20 +58,34 @@ def save_projector(model: nn.Module, output_dir: Path, is_main: bool) -> None:
     state = gather_parameters(named)
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        unwrap_bunny_model(model).config.save_pretrained(output_dir)
+        save_config(unwrap_bunny_model(model).config, output_dir)
         torch_save_atomic({_strip_peft_prefix(k): v for k, v in state.items()}, output_dir / PROJECTOR_FILE)
+
+
+def non_lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """What ``non_lora_trainables.bin`` holds: the trainable non-LoRA parameters and, when the
+    tower was trained, the whole tower, its frozen unused parts included (the layers after the
+    feature layer, the post-layernorm, the head: copies of the base tower). The original
+    Bunny's files hold the whole tower too, and its loader reads the tower strictly."""
+    trained = {name for name, param in model.named_parameters() if param.requires_grad and "lora_" not in name}
+    tower_trained = any(TOWER_KEY in name for name in trained)
+    return [
+        (name, param)
+        for name, param in model.named_parameters()
+        if name in trained or (tower_trained and TOWER_KEY in name and "lora_" not in name)
+    ]
 
 
 def save_lora(model: nn.Module, output_dir: Path, is_main: bool, processors=()) -> None:
     trainable = trainable_parameters(model)
     lora = gather_parameters([(n, p) for n, p in trainable if "lora_" in n])
-    non_lora = gather_parameters([(n, p) for n, p in trainable if "lora_" not in n])
+    non_lora = gather_parameters(non_lora_parameters(model))
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         # save_embedding_layers=False: LoRA never touches the embeddings, and the check for
         # them would reload the base model's config on every save.
         model.save_pretrained(output_dir, state_dict=lora, save_embedding_layers=False)
-        unwrap_bunny_model(model).config.save_pretrained(output_dir)
+        save_config(unwrap_bunny_model(model).config, output_dir)
         torch_save_atomic(non_lora, output_dir / NON_LORA_FILE)
         for processor in processors:
             processor.save_pretrained(output_dir)
