@@ -25,7 +25,8 @@ def base_flags(assets, tmp_path, **overrides) -> list[str]:
     return [item for key, value in flags.items() if value is not None for item in (f"--{key}", str(value))]
 
 
-def test_legacy_flags_are_translated(tiny_assets, tmp_path, caplog):
+def test_legacy_flags_are_translated(tiny_assets, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("bunny.train.arguments.torch.cuda.is_available", lambda: False)  # the same on any host
     argv = base_flags(tiny_assets, tmp_path) + [
         "--local_rank=0", "--evaluation_strategy", "no", "--warmup_ratio", "0.03", "--tf32", "True", "--lazy_preprocess", "True",
     ]
@@ -35,6 +36,21 @@ def test_legacy_flags_are_translated(tiny_assets, tmp_path, caplog):
     assert data_args.lazy_preprocess is True
     assert [r.getMessage() for r in caplog.records if "tf32" in r.getMessage()] == ["--tf32 ignored: no CUDA device on this machine"]
     assert translate_legacy_flags(["--local_rank", "0", "--seed", "1"]) == ["--seed", "1"]
+    monkeypatch.setattr("bunny.train.arguments.torch.cuda.is_available", lambda: True)
+    assert translate_legacy_flags(["--tf32", "True", "--bf16=True"]) == ["--tf32", "True", "--bf16=True"]  # kept with CUDA
+
+
+@pytest.mark.parametrize("model_type, extra, template", [
+    ("phi-3", ["--lora_enable", "True"], "phi3"),
+    ("llama", ["--lora_enable", "True"], "llama3"),
+    ("qwen2", [], "qwen2"),
+    ("llama", ["--tune_mm_mlp_adapter", "True"], "plain"),
+])
+def test_template_defaults_to_the_family_s_for_finetuning(tiny_assets, tmp_path, model_type, extra, template):
+    model_args, _, _ = parse_args(base_flags(tiny_assets, tmp_path, version=None, model_type=model_type) + extra)
+    assert model_args.version == template
+    given, _, _ = parse_args(base_flags(tiny_assets, tmp_path, version="llama2", model_type=model_type) + extra)
+    assert given.version == "llama2"  # a template the user names is kept
 
 
 def test_shipped_deepspeed_configs_by_name_or_path(tmp_path):
