@@ -150,3 +150,46 @@ def test_a_tokenizer_whose_offsets_do_not_match_its_text_is_caught():
     sample = tokenize_conversation(conversation, tokenizer, "qwen2", has_image=True, max_length=512)
     assert sample.mismatch and set(sample.labels) == {IGNORE_INDEX}
     assert len(sample.input_ids) == len(_encode(rendered.text, tokenizer, True).ids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family_name, model_type", [("llama3", "llama"), ("qwen2", "qwen2")])
+def test_llama_and_qwen2_run_pretrain_lora_merge_with_their_own_template(tiny_assets, tmp_path, family_name, model_type):
+    """In process (no launcher): pretrain, then LoRA with the tower unfrozen and no --version
+    (the family's template is the default), then merge; the merged model loads and runs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import bunny  # noqa: F401  (registers the Bunny model types)
+    from bunny.merge.merger import merge_lora
+    from bunny.tiny.models import save_tiny_llama3, save_tiny_qwen2
+    from bunny.train.train import build_trainer, train
+
+    llm = tmp_path / "llm"
+    (save_tiny_llama3 if family_name == "llama3" else save_tiny_qwen2)(llm, seed=0)
+    common = ["--model_name_or_path", str(llm), "--model_type", model_type, "--vision_tower", str(tiny_assets.vision_tower),
+              "--per_device_train_batch_size", "8", "--max_steps", "2", "--save_strategy", "no", "--report_to", "none",
+              "--skip_image_check", "True", "--dataloader_num_workers", "0", "--max_mismatch_fraction", "0"]
+    pretrain = train(common + ["--tune_mm_mlp_adapter", "True", "--data_path", str(tiny_assets.pretrain_data),
+                               "--image_folder", str(tiny_assets.pretrain_images), "--output_dir", str(tmp_path / "pretrain"),
+                               "--learning_rate", "1e-3"])
+    lora_flags = common + ["--lora_enable", "True", "--lora_r", "4", "--unfreeze_vision_tower", "True",
+                           "--mm_projector_lr", "2e-5", "--pretrain_mm_mlp_adapter", str(pretrain / "mm_projector.bin"),
+                           "--data_path", str(tiny_assets.recipe2_data), "--image_folder", str(tiny_assets.finetune_images),
+                           "--image_aspect_ratio", "pad", "--output_dir", str(tmp_path / "lora")]
+    assert build_trainer(lora_flags).train_dataset.template_name == family_name
+    lora = train(lora_flags)
+    assert json.loads((lora / "training_complete.json").read_text())["tokenization_mismatches"] == 0
+
+    merged = tmp_path / "merged"
+    merge_lora(lora, llm, merged)
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert model.config.model_type == f"bunny-{model_type}"
+    if family_name == "qwen2":  # tied embeddings stay tied
+        assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    sample = tokenize_conversation(SINGLE, tokenizer, family_name, has_image=True, max_length=512)
+    images = torch.zeros(1, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([sample.input_ids]), images=images).logits
+    assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()

@@ -153,13 +153,13 @@ def test_a_run_killed_between_checkpoints_resumes_to_the_same_weights_and_optimi
     bit-identical to an uninterrupted run: projector, AdamW moments, and each step's loss
     appear once in metrics.jsonl."""
     reference, out = tmp_path / "reference", tmp_path / "out"
-    _assert_ok(run_deepspeed(_pretrain_args(tiny_assets, reference), cwd=tmp_path))
+    _assert_ok(run_deepspeed(_pretrain_args(tiny_assets, reference), cwd=tmp_path, timeout=600))
     fault = {"BUNNY_FAULT_AT_STEP": "8", "BUNNY_FAULT_ONCE_FILE": str(tmp_path / "fault-once"), "BUNNY_FAULT_ON": "log"}
-    first = run_deepspeed(_pretrain_args(tiny_assets, out), cwd=tmp_path, env=fault)
+    first = run_deepspeed(_pretrain_args(tiny_assets, out), cwd=tmp_path, env=fault, timeout=600)
     assert first.returncode != 0 and "injected failure after step-8" in first.stdout
     assert (out / "checkpoint-6" / "trainer_state.json").is_file() and not (out / "training_complete.json").exists()
     (out / "checkpoint-9").mkdir()  # a checkpoint a crash left half-written: must be skipped
-    _assert_ok(run_deepspeed(_pretrain_args(tiny_assets, out), cwd=tmp_path, env=fault))
+    _assert_ok(run_deepspeed(_pretrain_args(tiny_assets, out), cwd=tmp_path, env=fault, timeout=600))
     done = json.loads((out / "training_complete.json").read_text())
     assert done["resumed_from"].endswith("checkpoint-6") and done["global_step"] == 12
 
@@ -168,6 +168,7 @@ def test_a_run_killed_between_checkpoints_resumes_to_the_same_weights_and_optimi
     assert [line["step"] for line in logged] == list(range(1, 13))  # steps 7-8 were trained twice, logged once
     assert [line["loss"] for line in logged] == [line["loss"] for line in expected]
     assert [line["learning_rate/mm_projector"] for line in logged] == [line["learning_rate"] for line in expected]
+    assert [line["learning_rate/mm_projector"] for line in logged] == [line["learning_rate"] for line in logged]
 
     for name in ("mm_projector.bin", "checkpoint-12/mm_projector.bin"):
         resumed, uninterrupted = torch.load(out / name, weights_only=True), torch.load(reference / name, weights_only=True)

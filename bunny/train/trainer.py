@@ -135,11 +135,14 @@ class BunnyTrainer(Trainer):
         """``{"learning_rate/<group>": lr}``, the current learning rate of each named group."""
         if self.optimizer is None or not self.optimizer_group_names:
             return {}
-        rates = {}
-        for group_name, group in zip(self.optimizer_group_names, self.optimizer.param_groups):
-            lr = group["lr"]
-            rates[f"learning_rate/{group_name}"] = lr.item() if torch.is_tensor(lr) else lr
-        return rates
+        try:  # the scheduler's view, which HF's own `learning_rate` reports (group 0's)
+            rates = list(self.lr_scheduler.get_last_lr())
+        except (AttributeError, AssertionError):  # no scheduler yet, or DeepSpeed's before its first step
+            rates = []
+        if len(rates) != len(self.optimizer_group_names):
+            rates = [group["lr"] for group in self.optimizer.param_groups]
+        return {f"learning_rate/{name}": lr.item() if torch.is_tensor(lr) else lr
+                for name, lr in zip(self.optimizer_group_names, rates)}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Every log line also carries each optimizer group's learning rate (the plain
