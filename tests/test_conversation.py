@@ -220,3 +220,20 @@ def test_byte_level_tokenizer_trains_every_token_after_the_role(trim_offsets):
     assert not sample.mismatch
     # " A" carries the separator; before " Yes" (the answer's own space) the separator is a lone " "
     assert tokenizer.decode(labels) == " A circle.<|endoftext|>  Yes.<|endoftext|>"
+
+
+def test_phi3_multi_round_answers_starting_with_a_digit_and_a_word_without_a_space_piece(tokenizer):
+    """Every answer is trained from its separator piece: "▁" + "5" (no "▁5" piece), "▁" + "R"
+    (no "▁R"); "▁Yes" carries its own."""
+    conversation = [
+        {"from": "human", "value": "<image>\nHow many shapes are there?"}, {"from": "gpt", "value": "5."},
+        {"from": "human", "value": "What color is it?"}, {"from": "gpt", "value": "Red."},
+        {"from": "human", "value": "Is it large?"}, {"from": "gpt", "value": "Yes."},
+    ]
+    sample = tokenize_conversation(conversation, tokenizer, "phi3", has_image=True, max_length=512)
+    assert not sample.mismatch
+    labels = [sample.labels[p] for p in trained(sample)]
+    assert tokenizer.convert_ids_to_tokens(labels) == [
+        "▁", "5", ".", "<|endoftext|>", "▁", "R", "ed", ".", "<|endoftext|>", "▁Yes", ".", "<|endoftext|>"]
+    runs = [p for p in trained(sample) if p - 1 not in trained(sample)]  # first position of each trained run
+    assert tokenizer.convert_ids_to_tokens([sample.input_ids[p - 1] for p in runs]) == ["▁ASSISTANT:"] * 3
