@@ -84,6 +84,7 @@ def test_every_log_line_carries_each_group_s_learning_rate(recipe2_trainer):
     assert line["learning_rate/mm_projector"] == pytest.approx(PROJECTOR_LR)
     assert line["learning_rate/lora"] == pytest.approx(LORA_LR)
     assert recipe2_trainer.state.log_history[-1]["learning_rate/lora"] == pytest.approx(LORA_LR)
+    assert recipe2_trainer.optimizer.param_groups[0]["name"] == "lora"  # HF's plain `learning_rate` is LoRA's
 
 
 def test_pretrain_and_recipe1_groups(tiny_assets, tmp_path):

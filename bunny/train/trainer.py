@@ -115,7 +115,8 @@ class BunnyTrainer(Trainer):
             if param.requires_grad:
                 groups.setdefault((self.optimizer_group_of(name), name in decay), []).append(param)
         param_groups = []
-        for (group_name, decays), params in sorted(groups.items()):
+        # the main group first: HF's plain `learning_rate` (group 0's) is then --learning_rate's
+        for (group_name, decays), params in sorted(groups.items(), key=lambda item: (item[0][0] == PROJECTOR_GROUP, item[0])):
             group = {"name": group_name, "params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
             if group_name == PROJECTOR_GROUP and self.args.mm_projector_lr is not None:
                 group["lr"] = self.args.mm_projector_lr
