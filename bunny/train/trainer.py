@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from bunny.data.sampler import ModalityLengthGroupedSampler
 from bunny.train.callbacks import StepTimingCallback
@@ -44,6 +44,8 @@ class BunnyTrainer(Trainer):
         self.step_timing = step_timing
         self._flop_parameters: int | None = None
         self.optimizer_group_names: list[str] = []
+        self._applied_learning_rates: dict[str, float] = {}
+        self.add_callback(_RecordAppliedLearningRates(self))
 
     # --- data -----------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -146,9 +148,9 @@ class BunnyTrainer(Trainer):
                 for name, lr in zip(self.optimizer_group_names, rates)}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Every log line also carries each optimizer group's learning rate (the plain
-        ``learning_rate`` HF writes is the first group's)."""
-        super().log({**logs, **self.group_learning_rates()}, start_time)
+        """Every log line also carries each optimizer group's learning rate: the one the last
+        optimizer step applied, as HF's plain ``learning_rate`` (the first group's) reports it."""
+        super().log({**logs, **(self._applied_learning_rates or self.group_learning_rates())}, start_time)
 
     # --- saving ---------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -160,3 +162,14 @@ class BunnyTrainer(Trainer):
             save_lora(self.model, output_dir, self.args.should_save, processors)
         else:
             super().save_model(str(output_dir), _internal_call)
+
+
+class _RecordAppliedLearningRates(TrainerCallback):
+    """Captures each group's learning rate right after the optimizer step, before the scheduler
+    moves it on (when HF reads its own ``learning_rate``)."""
+
+    def __init__(self, trainer: BunnyTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._applied_learning_rates = self.trainer.group_learning_rates()
