@@ -1,4 +1,4 @@
-"""Conversation templates (`plain`, `phi3`): prompt text, token ids and exact label masks.
+"""Conversation templates: prompt text, token ids and exact, self-checked label masks.
 
 Records hold LLaVA-style turns: ``[{"from": "human", "value": q1}, {"from": "gpt", "value": a1}, ...]``,
 alternating and starting with ``human``.
@@ -8,9 +8,13 @@ Templates (the strings of the original Bunny code):
 * ``plain`` (pretraining): the human turn is replaced by the image placeholder alone and the
   text is ``<image>{caption}\\n`` (``{caption}\\n`` for a text-only record). Trained: the
   caption and its ``\\n``.
-* ``phi3``: ``{system} USER: <image>\\n{q1} ASSISTANT: {a1}<|endoftext|>USER: {q2} ASSISTANT:
-  {a2}<|endoftext|>``. In an image sample every ``<image>`` is removed from its turn, which then
-  starts with ``<image>\\n`` (the rest stripped). Trained: each answer and its ``<|endoftext|>``.
+* chat templates, one per LLM family, differing only in the stop string that ends every answer:
+  ``phi3`` (``<|endoftext|>``; the original's ``bunny``), ``llama3`` (``<|end_of_text|>``; the
+  original's ``llama``), ``llama2`` (``</s>``), ``qwen2`` (``<|endoftext|>``):
+  ``{system} USER: <image>\\n{q1} ASSISTANT: {a1}{stop}USER: {q2} ASSISTANT: {a2}{stop}``. In an
+  image sample every ``<image>`` is removed from its turn, which then starts with ``<image>\\n``
+  (the rest stripped). Trained: each answer and its stop string. ``check_template_fits`` refuses
+  a stop string that is not one token and the tokenizer's EOS.
 
 Token ids. The text is split at ``<image>``; each chunk is tokenized on its own and the chunks are
 joined with one ``IMAGE_TOKEN_INDEX``. The special tokens the tokenizer puts before a text (a BOS
@@ -25,11 +29,17 @@ character span ``[start, end)``. A token is then:
   ones, whatever whitespace surrounds them: so ``▁Yes``, whose leading space is the untrained separator after
   ``ASSISTANT:``, is trained;
 * untrained when its span holds untrained non-whitespace characters and no trained ones;
-* for a whitespace-only span: trained only when every character of it is trained;
-* for a zero-width span (a marker the tokenizer inserted, or a span its offset trimming
-  emptied): trained only when the characters on both sides of it are trained;
+* for a whitespace-only or zero-width span (a lone ``▁``, a span offset trimming emptied):
+  trained when the character right after it is trained (it leads into an answer: the lone
+  ``▁`` a Llama-2-style vocabulary puts before a digit or a word without a ``▁`` piece, which
+  generation must emit first after ``ASSISTANT:``, as the original trains it), or, at the end
+  of the text, when it lies in trained text;
 * a mismatch when its span holds non-whitespace characters of both kinds. No label can be right
   then, so the sample gets ``mismatch=True`` and every label ``IGNORE_INDEX``.
+
+The masking then checks itself: each run of trained tokens, decoded, must be its answer and
+stop string (leading whitespace aside; a run cut by truncation, a prefix of it). A tokenizer
+whose offsets do not describe its text fails this and the sample is a mismatch too.
 
 Prefix special tokens (BOS) and the image placeholder are never trained. Truncation keeps the
 first ``max_length`` ids (only their labels are computed, so a straddling token past the cut does
