@@ -1,4 +1,4 @@
-"""Conversation templates (`plain`, `phi3`): prompt text, token ids and exact label masks.
+"""Conversation templates: prompt text, token ids and exact, self-checked label masks.
 
 Records hold LLaVA-style turns: ``[{"from": "human", "value": q1}, {"from": "gpt", "value": a1}, ...]``,
 alternating and starting with ``human``.
@@ -8,9 +8,13 @@ Templates (the strings of the original Bunny code):
 * ``plain`` (pretraining): the human turn is replaced by the image placeholder alone and the
   text is ``<image>{caption}\\n`` (``{caption}\\n`` for a text-only record). Trained: the
   caption and its ``\\n``.
-* ``phi3``: ``{system} USER: <image>\\n{q1} ASSISTANT: {a1}<|endoftext|>USER: {q2} ASSISTANT:
-  {a2}<|endoftext|>``. In an image sample every ``<image>`` is removed from its turn, which then
-  starts with ``<image>\\n`` (the rest stripped). Trained: each answer and its ``<|endoftext|>``.
+* chat templates, one per LLM family, differing only in the stop string that ends every answer:
+  ``phi3`` (``<|endoftext|>``; the original's ``bunny``), ``llama3`` (``<|end_of_text|>``; the
+  original's ``llama``), ``llama2`` (``</s>``), ``qwen2`` (``<|endoftext|>``):
+  ``{system} USER: <image>\\n{q1} ASSISTANT: {a1}{stop}USER: {q2} ASSISTANT: {a2}{stop}``. In an
+  image sample every ``<image>`` is removed from its turn, which then starts with ``<image>\\n``
+  (the rest stripped). Trained: each answer and its stop string. ``check_template_fits`` refuses
+  a stop string that is not one token and the tokenizer's EOS.
 
 Token ids. The text is split at ``<image>``; each chunk is tokenized on its own and the chunks are
 joined with one ``IMAGE_TOKEN_INDEX``. The special tokens the tokenizer puts before a text (a BOS
@@ -25,11 +29,17 @@ character span ``[start, end)``. A token is then:
   ones, whatever whitespace surrounds them: so ``▁Yes``, whose leading space is the untrained separator after
   ``ASSISTANT:``, is trained;
 * untrained when its span holds untrained non-whitespace characters and no trained ones;
-* for a whitespace-only span: trained only when every character of it is trained;
-* for a zero-width span (a marker the tokenizer inserted, or a span its offset trimming
-  emptied): trained only when the characters on both sides of it are trained;
+* for a whitespace-only or zero-width span (a lone ``▁``, a span offset trimming emptied):
+  trained when the character right after it is trained (it leads into an answer: the lone
+  ``▁`` a Llama-2-style vocabulary puts before a digit or a word without a ``▁`` piece, which
+  generation must emit first after ``ASSISTANT:``, as the original trains it), or, at the end
+  of the text, when it lies in trained text;
 * a mismatch when its span holds non-whitespace characters of both kinds. No label can be right
   then, so the sample gets ``mismatch=True`` and every label ``IGNORE_INDEX``.
+
+The masking then checks itself: each run of trained tokens, decoded, must be its answer and
+stop string (leading whitespace aside; a run cut by truncation, a prefix of it). A tokenizer
+whose offsets do not describe its text fails this and the sample is a mismatch too.
 
 Prefix special tokens (BOS) and the image placeholder are never trained. Truncation keeps the
 first ``max_length`` ids (only their labels are computed, so a straddling token past the cut does
@@ -62,20 +72,27 @@ class Template:
     answer_end: str = ""  # appended to every answer and trained with it
 
 
+BUNNY_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def _chat(name: str, stop: str) -> Template:
+    """Bunny's chat layout (the original's ``SeparatorStyle.TWO``) ending each answer with `stop`."""
+    return Template(name=name, style="chat", system=BUNNY_SYSTEM, user_role="USER",
+                    assistant_role="ASSISTANT", answer_end=stop)
+
+
 TEMPLATES: dict[str, Template] = {
     "plain": Template(name="plain", style="plain", answer_end="\n"),
-    "phi3": Template(
-        name="phi3",
-        style="chat",
-        system=(
-            "A chat between a curious user and an artificial intelligence assistant. "
-            "The assistant gives helpful, detailed, and polite answers to the user's questions."
-        ),
-        user_role="USER",
-        assistant_role="ASSISTANT",
-        answer_end="<|endoftext|>",
-    ),
+    "phi3": _chat("phi3", "<|endoftext|>"),  # Phi-3's EOS; the original's "bunny" template
+    "llama3": _chat("llama3", "<|end_of_text|>"),  # Llama-3's EOS; the original's "llama" template
+    "llama2": _chat("llama2", "</s>"),  # Llama-2-style SentencePiece vocabularies
+    "qwen2": _chat("qwen2", "<|endoftext|>"),  # Qwen2's EOS (the original trains Qwen with "bunny")
 }
+TEMPLATE_ALIASES = {"bunny": "phi3", "llama": "llama3"}  # the original Bunny's --version names
+DEFAULT_TEMPLATES = {"phi-3": "phi3", "llama": "llama3", "qwen2": "qwen2"}  # --model_type -> finetune template
 
 
 @dataclass(frozen=True)
@@ -94,10 +111,43 @@ class _Rendered:
 
 
 def get_template(name: str) -> Template:
-    """The template called `name` (the value of `--version`)."""
-    if name not in TEMPLATES:
-        raise ValueError(f"--version {name!r} is not a known conversation template; known: {', '.join(TEMPLATES)}")
-    return TEMPLATES[name]
+    """The template called `name` (the value of `--version`; the original's names are aliases)."""
+    template = TEMPLATES.get(TEMPLATE_ALIASES.get(name, name))
+    if template is None:
+        raise ValueError(f"--version {name!r} is not a known conversation template; known: "
+                         f"{', '.join([*TEMPLATES, *TEMPLATE_ALIASES])}")
+    return template
+
+
+def default_template(model_type: str) -> str:
+    """The finetune template of an LLM family (``--model_type``)."""
+    if model_type not in DEFAULT_TEMPLATES:
+        raise ValueError(f"no default conversation template for --model_type {model_type!r}; pass --version")
+    return DEFAULT_TEMPLATES[model_type]
+
+
+def check_template_fits(name: str, tokenizer: PreTrainedTokenizerBase, stop_ids: Sequence[int] = ()) -> None:
+    """Refuse a chat template whose stop string the model could not learn to emit as its stop.
+
+    The stop string ends every trained answer, so it must be a single token of `tokenizer`
+    (else it is trained as ordinary text pieces and generation never stops), and that token
+    must be the tokenizer's EOS or one of `stop_ids` (the model's generation config's EOS ids).
+    """
+    template = get_template(name)
+    if template.style != "chat":
+        return
+    stop = template.answer_end
+    ids = tokenizer(stop, add_special_tokens=False)["input_ids"]
+    fitting = sorted(other.name for other in TEMPLATES.values()
+                     if other.style == "chat" and other.answer_end == tokenizer.eos_token)
+    hint = f"templates whose stop string is this tokenizer's EOS {tokenizer.eos_token!r}: {', '.join(fitting) or 'none'}"
+    if len(ids) != 1:
+        raise ValueError(f"--version {name!r}: its stop string {stop!r} is not one token of this tokenizer "
+                         f"(it encodes as {len(ids)} tokens {tokenizer.convert_ids_to_tokens(ids)}); {hint}")
+    if ids[0] != tokenizer.eos_token_id and ids[0] not in set(stop_ids):
+        raise ValueError(f"--version {name!r}: its stop string {stop!r} is a token of this tokenizer but not "
+                         f"its EOS nor an EOS id of the model's generation config, so generation would not stop "
+                         f"there; {hint}")
 
 
 def _check_turns(conversations: Sequence[Turn]) -> None:
@@ -220,24 +270,22 @@ _Side = Literal["trained", "untrained", "mismatch"]
 
 def _token_side(text: str, trained: bytearray, start: int, end: int) -> _Side:
     """Which side of the trained/untrained boundary a token's character span lies on."""
-    if end <= start:  # zero-width: trained only strictly inside a trained region
-        neighbours = [position for position in (start - 1, start) if 0 <= position < len(text)]
-        return "trained" if all(trained[position] for position in neighbours) else "untrained"
     trained_text = untrained_text = False
-    all_trained = True
     for position in range(start, end):
-        is_trained = bool(trained[position])
-        all_trained &= is_trained
         if not text[position].isspace():
-            trained_text |= is_trained
-            untrained_text |= not is_trained
+            trained_text |= bool(trained[position])
+            untrained_text |= not trained[position]
     if trained_text and untrained_text:
         return "mismatch"
     if trained_text:
         return "trained"
     if untrained_text:
         return "untrained"
-    return "trained" if all_trained else "untrained"
+    # whitespace only, or zero-width: trained when it leads into trained text (the separator
+    # piece before an answer, which generation must emit first) or lies wholly inside it
+    if end < len(text):
+        return "trained" if trained[end] else "untrained"
+    return "trained" if all(trained[max(start, end - 1):end]) and end > 0 else "untrained"
 
 
 def _labels(encoded: _Encoded, rendered: _Rendered) -> list[int] | None:
@@ -257,6 +305,36 @@ def _labels(encoded: _Encoded, rendered: _Rendered) -> list[int] | None:
     return labels
 
 
+def _decodes_to_answers(
+    encoded: _Encoded, labels: list[int], rendered: _Rendered, tokenizer: PreTrainedTokenizerBase, truncated: bool
+) -> bool:
+    """Cross-check of the masking: each run of trained tokens, decoded, is its answer's text
+    (with the stop string). Leading whitespace is not compared (the separator piece before an
+    answer is trained; SentencePiece decoders drop a leading space); a run cut by truncation
+    need only be a prefix of its answer."""
+    runs: list[list[int]] = []
+    previous = False
+    for label in labels:
+        is_trained = label != IGNORE_INDEX
+        if is_trained:
+            if not previous:
+                runs.append([])
+            runs[-1].append(label)
+        previous = is_trained
+    answers = [rendered.text[start:end] for start, end in rendered.trained_spans]
+    if len(runs) > len(answers) or (len(runs) < len(answers) and not truncated):
+        return False
+    for index, (run, answer) in enumerate(zip(runs, answers)):
+        decoded = tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False).lstrip()
+        answer = answer.lstrip()
+        if truncated and index == len(runs) - 1:
+            if not answer.startswith(decoded.rstrip("\ufffd")):  # a cut may split a multi-byte character
+                return False
+        elif decoded != answer:
+            return False
+    return True
+
+
 def tokenize_conversation(
     conversations: Sequence[Turn],
     tokenizer: PreTrainedTokenizerBase,
@@ -274,6 +352,6 @@ def tokenize_conversation(
         raise ValueError(f"--model_max_length {max_length} cuts off the image placeholder "
                          f"(at token {full.ids.index(IMAGE_TOKEN_INDEX)})")
     labels = _labels(kept, rendered)
-    if labels is None:
+    if labels is None or not _decodes_to_answers(kept, labels, rendered, tokenizer, len(full.ids) > max_length):
         return TokenizedSample(input_ids=kept.ids, labels=[IGNORE_INDEX] * len(kept.ids), mismatch=True)
     return TokenizedSample(input_ids=kept.ids, labels=labels, mismatch=False)

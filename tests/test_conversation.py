@@ -62,7 +62,7 @@ def test_tiny_tokenizer_is_phi3_like_deterministic_and_round_trips(tokenizer, tm
 
 
 def test_unknown_template_names_the_flag_and_known_ones():
-    with pytest.raises(ValueError, match=r"--version 'llava'.*plain, phi3"):
+    with pytest.raises(ValueError, match=r"--version 'llava'.*plain, phi3, llama3, llama2, qwen2, bunny, llama"):
         get_template("llava")
 
 
@@ -104,11 +104,14 @@ def test_phi3_single_round_trains_answer_and_endoftext(tokenizer):
     image_at = sample.input_ids.index(IMAGE_TOKEN_INDEX)
     assert image_at == s + SYSTEM_TOKENS + 2
     assert tokenizer.convert_ids_to_tokens(sample.input_ids[image_at - 2:image_at]) == ["▁USER:", "▁"]
-    assert trained(sample) == [s + 36, s + 37, s + 38, s + 39]
+    # "Red" has no "▁R" piece: the answer starts with the lone "▁", which generation must emit
+    # first after "ASSISTANT:", so it is trained (as the original Bunny trains it)
+    assert trained(sample) == [s + 35, s + 36, s + 37, s + 38, s + 39]
     assert len(sample.input_ids) == s + 40
     labels = [sample.labels[p] for p in trained(sample)]
-    assert tokenizer.convert_ids_to_tokens(labels) == ["R", "ed", ".", "<|endoftext|>"]
+    assert tokenizer.convert_ids_to_tokens(labels) == ["▁", "R", "ed", ".", "<|endoftext|>"]
     assert tokenizer.convert_ids_to_tokens(sample.input_ids[s + 34:s + 36]) == ["▁ASSISTANT:", "▁"]
+    assert sample.labels[s + 34] == IGNORE_INDEX
 
 
 def test_phi3_multi_round_trains_each_answer(tokenizer):
@@ -129,8 +132,11 @@ def test_phi3_text_only_has_no_image_token(tokenizer):
     sample = tokenize_conversation(TEXT_ONLY, tokenizer, "phi3", has_image=False, max_length=512)
     s = shift(tokenizer)
     assert IMAGE_TOKEN_INDEX not in sample.input_ids
-    assert trained(sample) == [s + 33, s + 34, s + 35]
-    assert tokenizer.convert_ids_to_tokens([sample.labels[p] for p in trained(sample)]) == ["5", ".", "<|endoftext|>"]
+    # a digit never carries "▁" (Llama-2-style vocabularies split " 5" into "▁" and "5"): trained from "▁"
+    assert trained(sample) == [s + 32, s + 33, s + 34, s + 35]
+    assert tokenizer.convert_ids_to_tokens([sample.labels[p] for p in trained(sample)]) == ["▁", "5", ".", "<|endoftext|>"]
+    assert tokenizer.convert_ids_to_tokens(sample.input_ids[s + 31:s + 32]) == ["▁ASSISTANT:"]
+    assert sample.labels[s + 31] == IGNORE_INDEX
 
 
 def test_trained_labels_equal_their_input_ids(tokenizer):
@@ -164,12 +170,12 @@ def test_straddling_token_is_a_mismatch_with_all_labels_ignored():
 
 
 def test_whitespace_rules_at_answer_edges(tokenizer):
-    # leading spaces of the answer itself are trained; the template's separator space is not
+    # every piece after "ASSISTANT:" is trained: the separator's lone "▁" and the answer's own spaces
     spaced = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "  Red."}]
     sample = tokenize_conversation(spaced, tokenizer, "phi3", has_image=False, max_length=512)
     tokens = tokenizer.convert_ids_to_tokens(sample.input_ids)
     assert tokens[-8:] == ["▁ASSISTANT:", "▁", "▁", "▁", "R", "ed", ".", "<|endoftext|>"]
-    assert [label != IGNORE_INDEX for label in sample.labels[-8:]] == [False, False] + [True] * 6
+    assert [label != IGNORE_INDEX for label in sample.labels[-8:]] == [False] + [True] * 7
 
 
 def test_image_placeholder_rules():
@@ -195,7 +201,7 @@ def test_generation_prompt_is_the_training_prefix(tokenizer):
 
 
 @pytest.mark.parametrize("trim_offsets", [False, True])
-def test_byte_level_tokenizer_never_trains_the_separator(trim_offsets):
+def test_byte_level_tokenizer_trains_every_token_after_the_role(trim_offsets):
     """A GPT-2-style tokenizer (space glued to the next word, offsets optionally trimmed)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -212,4 +218,22 @@ def test_byte_level_tokenizer_never_trains_the_separator(trim_offsets):
     sample = tokenize_conversation(conversation, tokenizer, "phi3", has_image=True, max_length=512)
     labels = [label for label in sample.labels if label != IGNORE_INDEX]
     assert not sample.mismatch
-    assert tokenizer.decode(labels) == " A circle.<|endoftext|> Yes.<|endoftext|>"
+    # " A" carries the separator; before " Yes" (the answer's own space) the separator is a lone " "
+    assert tokenizer.decode(labels) == " A circle.<|endoftext|>  Yes.<|endoftext|>"
+
+
+def test_phi3_multi_round_answers_starting_with_a_digit_and_a_word_without_a_space_piece(tokenizer):
+    """Every answer is trained from its separator piece: "▁" + "5" (no "▁5" piece), "▁" + "R"
+    (no "▁R"); "▁Yes" carries its own."""
+    conversation = [
+        {"from": "human", "value": "<image>\nHow many shapes are there?"}, {"from": "gpt", "value": "5."},
+        {"from": "human", "value": "What color is it?"}, {"from": "gpt", "value": "Red."},
+        {"from": "human", "value": "Is it large?"}, {"from": "gpt", "value": "Yes."},
+    ]
+    sample = tokenize_conversation(conversation, tokenizer, "phi3", has_image=True, max_length=512)
+    assert not sample.mismatch
+    labels = [sample.labels[p] for p in trained(sample)]
+    assert tokenizer.convert_ids_to_tokens(labels) == [
+        "▁", "5", ".", "<|endoftext|>", "▁", "R", "ed", ".", "<|endoftext|>", "▁Yes", ".", "<|endoftext|>"]
+    runs = [p for p in trained(sample) if p - 1 not in trained(sample)]  # first position of each trained run
+    assert tokenizer.convert_ids_to_tokens([sample.input_ids[p - 1] for p in runs]) == ["▁ASSISTANT:"] * 3

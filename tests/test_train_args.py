@@ -25,7 +25,8 @@ def base_flags(assets, tmp_path, **overrides) -> list[str]:
     return [item for key, value in flags.items() if value is not None for item in (f"--{key}", str(value))]
 
 
-def test_legacy_flags_are_translated(tiny_assets, tmp_path, caplog):
+def test_legacy_flags_are_translated(tiny_assets, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("bunny.train.arguments.torch.cuda.is_available", lambda: False)  # the same on any host
     argv = base_flags(tiny_assets, tmp_path) + [
         "--local_rank=0", "--evaluation_strategy", "no", "--warmup_ratio", "0.03", "--tf32", "True", "--lazy_preprocess", "True",
     ]
@@ -35,6 +36,21 @@ def test_legacy_flags_are_translated(tiny_assets, tmp_path, caplog):
     assert data_args.lazy_preprocess is True
     assert [r.getMessage() for r in caplog.records if "tf32" in r.getMessage()] == ["--tf32 ignored: no CUDA device on this machine"]
     assert translate_legacy_flags(["--local_rank", "0", "--seed", "1"]) == ["--seed", "1"]
+    monkeypatch.setattr("bunny.train.arguments.torch.cuda.is_available", lambda: True)
+    assert translate_legacy_flags(["--tf32", "True", "--bf16=True"]) == ["--tf32", "True", "--bf16=True"]  # kept with CUDA
+
+
+@pytest.mark.parametrize("model_type, extra, template", [
+    ("phi-3", ["--lora_enable", "True"], "phi3"),
+    ("llama", ["--lora_enable", "True"], "llama3"),
+    ("qwen2", [], "qwen2"),
+    ("llama", ["--tune_mm_mlp_adapter", "True"], "plain"),
+])
+def test_template_defaults_to_the_family_s_for_finetuning(tiny_assets, tmp_path, model_type, extra, template):
+    model_args, _, _ = parse_args(base_flags(tiny_assets, tmp_path, version=None, model_type=model_type) + extra)
+    assert model_args.version == template
+    given, _, _ = parse_args(base_flags(tiny_assets, tmp_path, version="llama2", model_type=model_type) + extra)
+    assert given.version == "llama2"  # a template the user names is kept
 
 
 def test_shipped_deepspeed_configs_by_name_or_path(tmp_path):
@@ -101,21 +117,51 @@ def test_bad_input_stops_the_module_entry_point_before_training(tiny_assets, tmp
     assert not (tmp_path / "out").exists()
 
 
-def test_mismatched_samples_are_counted_named_and_stop_the_run_past_the_budget(tmp_path):
-    """The trainer pops `mismatched_ids` from every batch; past the budget the run fails,
-    naming the samples, and the report lists them all."""
-    from types import SimpleNamespace
+@pytest.fixture(scope="module")
+def mismatched_llm(tiny_assets, tmp_path_factory):
+    """The tiny LLM with a tokenizer whose offsets do not match its text (spaces vanish), and
+    the ids of the recipe-1 records it cannot mask: by an independent criterion, those with a
+    space inside an answer."""
+    import shutil
 
-    from bunny.train.trainer import BunnyTrainer, TokenizationMismatchError
+    from test_templates import mismatched_qwen2_tokenizer
 
-    trainer = SimpleNamespace(
-        mismatched_ids=[], max_mismatches=2, args=SimpleNamespace(output_dir=str(tmp_path), should_save=True)
-    )
-    trainer.write_mismatch_report = lambda: BunnyTrainer.write_mismatch_report(trainer)
-    BunnyTrainer._record_mismatches(trainer, [])
-    BunnyTrainer._record_mismatches(trainer, ["rec-3", "rec-9"])
-    assert trainer.mismatched_ids == ["rec-3", "rec-9"]  # within budget: counted, run goes on
-    with pytest.raises(TokenizationMismatchError, match=r"3 samples could not be masked \(budget 2.*'rec-3', 'rec-9', 'rec-11'"):
-        BunnyTrainer._record_mismatches(trainer, ["rec-11"])
-    report = json.loads((tmp_path / "tokenization_mismatches.json").read_text())
-    assert report == {"count": 3, "ids": ["rec-3", "rec-9", "rec-11"]}
+    root = tmp_path_factory.mktemp("mismatched")
+    shutil.copytree(tiny_assets.llm, root / "llm")
+    mismatched_qwen2_tokenizer().save_pretrained(root / "llm")
+    records = json.loads(tiny_assets.recipe1_data.read_text())[:32]  # two batches of 16: a short run
+    (root / "data.json").write_text(json.dumps(records))
+    spaced = {r["id"] for r in records if any(" " in turn["value"].strip() for turn in r["conversations"][1::2])}
+    assert 2 < len(spaced) < len(records)
+    return root, spaced, len(records)
+
+
+def test_mismatched_samples_are_counted_named_and_stop_the_run_past_the_budget(tiny_assets, tmp_path, mismatched_llm):
+    """A real (in-process) training run: the trainer pops `mismatched_ids` from its batches;
+    within floor(fraction x records) the run completes and names every mismatched sample;
+    past it the run fails, naming them, with the report written."""
+    from bunny.train.train import train
+    from bunny.train.trainer import TokenizationMismatchError
+
+    root, spaced, total = mismatched_llm
+
+    def flags(output_dir, fraction: float) -> list[str]:
+        return base_flags(tiny_assets, tmp_path, model_name_or_path=root / "llm", data_path=root / "data.json",
+                          version="qwen2", output_dir=output_dir) + [
+            "--lora_enable", "True", "--lora_r", "4", "--per_device_train_batch_size", "16", "--num_train_epochs", "1",
+            "--skip_image_check", "True", "--save_strategy", "no", "--dataloader_num_workers", "0",
+            "--max_mismatch_fraction", str(fraction),
+        ]
+
+    # budget floor(fraction x total) = len(spaced): just enough
+    out = train(flags(tmp_path / "within", (len(spaced) + 0.5) / total))
+    report = json.loads((out / "tokenization_mismatches.json").read_text())
+    assert report["count"] == len(spaced) and set(report["ids"]) == spaced
+    assert json.loads((out / "training_complete.json").read_text())["tokenization_mismatches"] == len(spaced)
+
+    budget = len(spaced) - 2
+    with pytest.raises(TokenizationMismatchError, match=rf"samples could not be masked \(budget {budget}, "):
+        train(flags(tmp_path / "fails", (budget + 0.5) / total))
+    report = json.loads((tmp_path / "fails" / "tokenization_mismatches.json").read_text())
+    assert report["count"] > budget and len(report["ids"]) == report["count"] and set(report["ids"]) <= spaced
+    assert not (tmp_path / "fails" / "training_complete.json").exists()

@@ -112,3 +112,85 @@ def save_tiny_vision_tower(folder: Path, seed: int) -> None:
     with _no_progress_bars():
         model.save_pretrained(folder)
     tiny_siglip_image_processor().save_pretrained(folder)
+
+
+# --- Llama-3 and Qwen2 stand-ins (byte-level BPE tokenizers) ----------------------------
+# Kept apart from the Phi-3 builders above: they exist so the templates and the model
+# families other than Phi-3 run end to end on tiny assets.
+
+LLAMA3_SPECIALS = {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "extra": ("<|eot_id|>",)}
+QWEN2_SPECIALS = {"bos": None, "eos": "<|endoftext|>", "extra": ("<|im_start|>", "<|im_end|>")}
+
+
+def build_tiny_byte_level_tokenizer(family: str) -> "PreTrainedTokenizerFast":
+    """A GPT-2-style byte-level BPE tokenizer with Llama-3's (``"llama3"``: BOS
+    ``<|begin_of_text|>`` prepended, EOS ``<|end_of_text|>``, no pad) or Qwen2's (``"qwen2"``:
+    no BOS, ``<|endoftext|>`` as EOS and pad) special tokens, trained on the tiny corpus."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from bunny.tiny.tokenizer import _builtin_corpus
+
+    specials = {"llama3": LLAMA3_SPECIALS, "qwen2": QWEN2_SPECIALS}[family]
+    names = [token for token in (specials["bos"], specials["eos"], *specials["extra"]) if token]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=480, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(_builtin_corpus(), trainer)
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in names])
+    bos = specials["bos"]
+    if bos:
+        bos_id = backend.token_to_id(bos)
+        backend.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]),
+        ])
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=specials["eos"],
+        pad_token=None if bos else specials["eos"],
+        extra_special_tokens=list(specials["extra"]),
+        model_max_length=2048,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _tiny_decoder_sizes() -> dict:
+    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5)
+
+
+def _save_tiny_causal_lm(folder: Path, seed: int, model_class: type, config, tokenizer) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    with _no_progress_bars():
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def save_tiny_llama3(folder: Path, seed: int) -> None:
+    """A randomly initialised tiny Llama (grouped-query attention, untied head) with a Llama-3-style tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_byte_level_tokenizer("llama3")
+    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, architectures=["LlamaForCausalLM"], **_tiny_decoder_sizes())
+    _save_tiny_causal_lm(folder, seed, LlamaForCausalLM, config, tokenizer)
+
+
+def save_tiny_qwen2(folder: Path, seed: int) -> None:
+    """A randomly initialised tiny Qwen2 (grouped-query attention, tied embeddings as the small
+    Qwen2 models have) with a Qwen2-style tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tiny_byte_level_tokenizer("qwen2")
+    config = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, architectures=["Qwen2ForCausalLM"], **_tiny_decoder_sizes())
+    _save_tiny_causal_lm(folder, seed, Qwen2ForCausalLM, config, tokenizer)

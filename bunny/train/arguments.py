@@ -4,7 +4,9 @@ Flags the tutorial uses but transformers 5 dropped are translated before parsing
 ``--evaluation_strategy`` -> ``--eval_strategy``; ``--warmup_ratio r`` -> ``--warmup_steps r``
 (a value below 1 is a fraction of the total steps). On a machine without CUDA, ``--tf32`` and
 the mixed-precision flags ``--bf16``/``--fp16`` are dropped with one warning each (the
-tutorial's commands then run in float32 on the CPU). Inconsistent flag sets are refused before anything is loaded.
+tutorial's commands then run in float32 on the CPU). Without ``--version`` the template is
+``plain`` for pretrain and the ``--model_type``'s own for the other stages. Inconsistent flag
+sets are refused before anything is loaded.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
-from bunny.conversation import get_template
+from bunny.conversation import default_template, get_template
 from bunny.model.builder import ATTN_IMPLEMENTATIONS
 from bunny.model.families import get_family
 from bunny.model.projector import is_known_projector, PROJECTOR_TYPES
@@ -34,7 +36,11 @@ _LORA_ONLY_FLAGS = ("--lora_r", "--lora_alpha", "--lora_dropout", "--lora_bias",
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "local folder of the base LLM"})
     model_type: str = field(default="phi-3", metadata={"help": "LLM family: phi-3, llama, qwen2"})
-    version: str = field(default="plain", metadata={"help": "conversation template: plain (pretrain) or phi3"})
+    version: str | None = field(
+        default=None,
+        metadata={"help": "conversation template: plain, phi3, llama3, llama2, qwen2 (the original's bunny, llama "
+                  "also); default: plain for pretrain, else the --model_type's (phi-3: phi3, llama: llama3, qwen2: qwen2)"},
+    )
     vision_tower: str = field(default=None, metadata={"help": "local folder of the SigLIP/CLIP vision tower"})
     mm_projector_type: str = field(default="mlp2x_gelu")
     mm_vision_select_layer: int = field(default=-2)
@@ -144,6 +150,9 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
     argv = _resolve_deepspeed_flag(argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.version is None:
+        get_family(model_args.model_type)
+        model_args.version = "plain" if model_args.tune_mm_mlp_adapter else default_template(model_args.model_type)
     check_flag_set(argv, model_args, data_args, train_args)
     return model_args, data_args, train_args
 

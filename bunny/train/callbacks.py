@@ -26,6 +26,23 @@ class ProgressFileCallback(TrainerCallback):
     def __init__(self, output_dir: str | Path):
         self.output_dir = Path(output_dir)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """A resumed run restarts at its checkpoint's step: drop the lines logged after it (the
+        steps a crash undid, about to be trained again), so each step appears once."""
+        path = self.output_dir / METRICS_FILE
+        if not state.is_world_process_zero or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= state.global_step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by the crash
+        tmp = self.output_dir / f".{METRICS_FILE}.tmp"
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
@@ -116,22 +133,35 @@ class StepTimingCallback(TrainerCallback):
 class FaultInjectionCallback(TrainerCallback):
     """Test hook for the orchestrator's retry path. With ``BUNNY_FAULT_AT_STEP=N`` and
     ``BUNNY_FAULT_ONCE_FILE=path`` set, the process exits with code 3 right after the first
-    checkpoint at or after step N is saved, once (the file records that it happened)."""
+    checkpoint at or after step N is saved, once (the file records that it happened). With
+    ``BUNNY_FAULT_ON=log`` it exits instead right after step N is logged, wherever the last
+    checkpoint is (a crash between checkpoints)."""
 
     EXIT_CODE = 3
 
-    def __init__(self, at_step: int, once_file: Path):
+    def __init__(self, at_step: int, once_file: Path, on: str = "save"):
+        if on not in ("save", "log"):
+            raise ValueError(f"BUNNY_FAULT_ON={on!r}: use save or log")
         self.at_step = at_step
         self.once_file = once_file
+        self.on = on
 
     @classmethod
     def from_env(cls) -> "FaultInjectionCallback | None":
         step, once = os.environ.get("BUNNY_FAULT_AT_STEP"), os.environ.get("BUNNY_FAULT_ONCE_FILE")
-        return cls(int(step), Path(once)) if step and once else None
+        return cls(int(step), Path(once), os.environ.get("BUNNY_FAULT_ON", "save")) if step and once else None
 
-    def on_save(self, args, state, control, **kwargs):
+    def _fail(self, state, what: str) -> None:
         if state.global_step >= self.at_step and not self.once_file.exists():
             self.once_file.parent.mkdir(parents=True, exist_ok=True)
             self.once_file.write_text(str(state.global_step))
-            print(f"BUNNY_FAULT_AT_STEP: injected failure after checkpoint-{state.global_step}", flush=True)
+            print(f"BUNNY_FAULT_AT_STEP: injected failure after {what}-{state.global_step}", flush=True)
             os._exit(self.EXIT_CODE)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.on == "save":
+            self._fail(state, "checkpoint")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.on == "log":
+            self._fail(state, "step")

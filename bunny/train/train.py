@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed bunny/train/train.py):
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, set_seed
 
+from bunny.conversation import check_template_fits
 from bunny.data import DataCollator, SupervisedDataset, validate_dataset
 from bunny.model.builder import build_bunny_model
 from bunny.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
@@ -96,6 +97,18 @@ def set_trainable(model, model_args: ModelArguments, train_args: TrainingArgumen
     return model
 
 
+def generation_stop_ids(model_path: str | Path) -> list[int]:
+    """EOS ids the base model's ``generation_config.json`` / ``config.json`` declare (a list for
+    instruct models that stop on several tokens): a template may end answers with any of them."""
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_path) / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            ids += eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
+    return ids
+
+
 def load_processors(model_args: ModelArguments, train_args: TrainingArguments):
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path, model_max_length=train_args.model_max_length, padding_side="right"
@@ -106,12 +119,16 @@ def load_processors(model_args: ModelArguments, train_args: TrainingArguments):
     return tokenizer, image_processor
 
 
-def train(argv: list[str]) -> Path:
+def build_trainer(argv: list[str]) -> BunnyTrainer:
+    """Parse and check the flags, validate the data, load the model and wrap it in the
+    stage's trainer: everything but the training itself."""
     model_args, data_args, train_args = parse_args(argv)
     set_seed(train_args.seed)  # before the model is built: new LoRA and projector weights are drawn from it
     stage = stage_of(model_args, train_args)
     output_dir = Path(train_args.output_dir)
 
+    tokenizer, image_processor = load_processors(model_args, train_args)
+    check_template_fits(model_args.version, tokenizer, generation_stop_ids(model_args.model_name_or_path))
     records = validate_dataset(
         data_args.data_path,
         data_args.image_folder,
@@ -119,7 +136,6 @@ def train(argv: list[str]) -> Path:
         check_images=not data_args.skip_image_check,
         workers=data_args.validation_workers,
     )
-    tokenizer, image_processor = load_processors(model_args, train_args)
     dtype = torch.bfloat16 if train_args.bf16 else torch.float16 if train_args.fp16 else torch.float32
     model = build_bunny_model(
         model_args.model_name_or_path,
@@ -136,6 +152,7 @@ def train(argv: list[str]) -> Path:
     model.config.tokenizer_model_max_length = train_args.model_max_length
     model.config.tokenizer_padding_side = tokenizer.padding_side
     model.config.unfreeze_vision_tower = model_args.unfreeze_vision_tower
+    model.config.mm_projector_lr = train_args.mm_projector_lr
     model = set_trainable(model, model_args, train_args, stage)
     if train_args.zero3_layer_fetch:
         fetch_whole_layers_under_zero3(model)
@@ -157,7 +174,7 @@ def train(argv: list[str]) -> Path:
         callbacks.append(fault)
     if step_timing := StepTimingCallback.from_env(output_dir):
         callbacks.append(step_timing)
-    trainer = BunnyTrainer(
+    return BunnyTrainer(
         model=model,
         args=train_args,
         train_dataset=dataset,
@@ -169,6 +186,11 @@ def train(argv: list[str]) -> Path:
         max_mismatches=math.floor(data_args.max_mismatch_fraction * len(dataset)),
         step_timing=step_timing,
     )
+
+
+def train(argv: list[str]) -> Path:
+    trainer = build_trainer(argv)
+    output_dir = Path(trainer.args.output_dir)
     resume = find_resume_checkpoint(output_dir)
     if resume is not None:
         logger.warning("resuming from %s", resume)
@@ -178,7 +200,7 @@ def train(argv: list[str]) -> Path:
     trainer.save_model(str(output_dir))
     trainer.write_mismatch_report()
     if trainer.args.should_save:
-        write_completion(trainer, output_dir, stage, result.training_loss, time.time() - started, resume)
+        write_completion(trainer, output_dir, trainer.stage, result.training_loss, time.time() - started, resume)
     return output_dir
 
 

@@ -1,5 +1,7 @@
-"""HF Trainer with Bunny's three additions: a projector learning rate, modality-grouped
-batches, and saves that hold only the stage's trainable weights."""
+"""HF Trainer with Bunny's additions: named optimizer groups (the projector and an unfrozen
+vision tower at ``--mm_projector_lr``), each group's learning rate in every log line,
+modality-grouped batches, the tokenization-mismatch budget, and saves that hold only the
+stage's trainable weights."""
 
 from __future__ import annotations
 
@@ -7,12 +9,14 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import Trainer
-from transformers.trainer_pt_utils import get_parameter_names
+from transformers import Trainer, TrainerCallback
 
 from bunny.data.sampler import ModalityLengthGroupedSampler
 from bunny.train.callbacks import StepTimingCallback
 from bunny.train.saving import save_lora, save_projector
+
+
+PROJECTOR_GROUP = "mm_projector"  # the projector (+ an unfrozen vision tower), at --mm_projector_lr
 
 
 class TokenizationMismatchError(RuntimeError):
@@ -39,6 +43,9 @@ class BunnyTrainer(Trainer):
         self.mismatched_ids: list[str] = []
         self.step_timing = step_timing
         self._flop_parameters: int | None = None
+        self.optimizer_group_names: list[str] = []
+        self._applied_learning_rates: dict[str, float] = {}
+        self.add_callback(_RecordAppliedLearningRates(self))
 
     # --- data -----------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -94,28 +101,56 @@ class BunnyTrainer(Trainer):
 
     # --- optimisation ---------------------------------------------------------------
     def create_optimizer(self, model=None):
-        """AdamW groups: weight decay off for biases and norms (as HF), and the projector at
-        ``--mm_projector_lr`` when set."""
+        """AdamW over named groups, as the original Bunny's trainer groups them:
+
+        * ``mm_projector``: the projector, and the vision tower when it is unfrozen, at
+          ``--mm_projector_lr`` (at ``--learning_rate`` when that flag is not given);
+        * ``lora`` (LoRA stage) or ``trainable`` (other stages): everything else, at ``--learning_rate``.
+
+        Each is split into a weight-decay and a no-decay group (biases and norms, as HF does).
+        """
         if self.optimizer is not None:
             return self.optimizer
-        model = self.model
-        decay = set(get_parameter_names(model, [torch.nn.LayerNorm], ["bias", "layernorm", "rmsnorm", "norm"]))
-        projector_lr = self.args.mm_projector_lr
-        groups: dict[tuple[bool, bool], list] = {}
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            is_projector = projector_lr is not None and "mm_projector." in name
-            groups.setdefault((name in decay, is_projector), []).append(param)
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                groups.setdefault((self.optimizer_group_of(name), name in decay), []).append(param)
         param_groups = []
-        for (decays, is_projector), params in sorted(groups.items()):
-            group = {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
-            if is_projector:
-                group["lr"] = projector_lr
+        # the main group first: HF's plain `learning_rate` (group 0's) is then --learning_rate's
+        for (group_name, decays), params in sorted(groups.items(), key=lambda item: (item[0][0] == PROJECTOR_GROUP, item[0])):
+            group = {"name": group_name, "params": params, "weight_decay": self.args.weight_decay if decays else 0.0}
+            if group_name == PROJECTOR_GROUP and self.args.mm_projector_lr is not None:
+                group["lr"] = self.args.mm_projector_lr
             param_groups.append(group)
-        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        self.optimizer_group_names = [group["name"] for group in param_groups]
         return self.optimizer
+
+    def optimizer_group_of(self, parameter_name: str) -> str:
+        """The optimizer group a trainable parameter belongs to (see :meth:`create_optimizer`)."""
+        if "mm_projector." in parameter_name or "vision_tower." in parameter_name:
+            return PROJECTOR_GROUP
+        return "lora" if self.stage == "lora" else "trainable"
+
+    def group_learning_rates(self) -> dict[str, float]:
+        """``{"learning_rate/<group>": lr}``, the current learning rate of each named group."""
+        if self.optimizer is None or not self.optimizer_group_names:
+            return {}
+        try:  # the scheduler's view, which HF's own `learning_rate` reports (group 0's)
+            rates = list(self.lr_scheduler.get_last_lr())
+        except (AttributeError, AssertionError):  # no scheduler yet, or DeepSpeed's before its first step
+            rates = []
+        if len(rates) != len(self.optimizer_group_names):
+            rates = [group["lr"] for group in self.optimizer.param_groups]
+        return {f"learning_rate/{name}": lr.item() if torch.is_tensor(lr) else lr
+                for name, lr in zip(self.optimizer_group_names, rates)}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Every log line also carries each optimizer group's learning rate: the one the last
+        optimizer step applied, as HF's plain ``learning_rate`` (the first group's) reports it."""
+        super().log({**logs, **(self._applied_learning_rates or self.group_learning_rates())}, start_time)
 
     # --- saving ---------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -127,3 +162,14 @@ class BunnyTrainer(Trainer):
             save_lora(self.model, output_dir, self.args.should_save, processors)
         else:
             super().save_model(str(output_dir), _internal_call)
+
+
+class _RecordAppliedLearningRates(TrainerCallback):
+    """Captures each group's learning rate right after the optimizer step, before the scheduler
+    moves it on (when HF reads its own ``learning_rate``)."""
+
+    def __init__(self, trainer: BunnyTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._applied_learning_rates = self.trainer.group_learning_rates()
