@@ -94,11 +94,12 @@ def test_every_stage_ran_and_published_its_artifacts(pipeline_run):
     for stage in TRAINING:
         progress = Artifact.get(f"{stage}-progress")
         assert progress is not None and progress.type == "progress" and float(progress.data) == 100.0
-        loss = json.loads(Artifact.get(f"{stage}-loss").data)
+        loss = json.loads(Artifact.get(f"{stage}-loss-table").data)
         assert [row["step"] for row in loss] == list(range(1, STEPS + 1)), stage
+        assert "data:image/png;base64," in Artifact.get(f"{stage}-loss").data, stage
     assert "## Passed" in Artifact.get("preflight-report").data
-    rows = json.loads(Artifact.get("pipeline-summary").data)
-    assert {row["stage"] for row in rows} == set(STAGES)
+    summary = Artifact.get("pipeline-summary").data
+    assert "data:image/png;base64," in summary and all(f"| {stage} |" in summary for stage in STAGES)
 
 
 def test_average_loads_and_is_the_weighted_sum_of_the_merges(pipeline_run):
