@@ -277,7 +277,7 @@ def check_weighted_names(kind: str, names: list[str], weights: list[float], post
 DEMO_PRETRAIN_STEPS = 32
 DEMO_PRETRAIN_LR = 5e-3
 DEMO_RECIPE_STEPS = 96
-DEMO_RECIPE_LR = 2e-2
+DEMO_RECIPE_LR = 1e-2
 
 
 class PipelineConfig(Strict):

@@ -177,7 +177,7 @@ def test_llm_output_layer_can_make_an_answer_likely(assets: TinyAssets) -> None:
     head = llm.lm_head.weight.detach()
     aimed = head / head.pow(2).mean(dim=1, keepdim=True).sqrt()  # RMS 1, as after the final RMSNorm
     probability = torch.softmax(aimed @ head.T, dim=-1).diagonal()
-    assert probability.median() > 0.9, probability.median()
+    assert probability.median() > 0.5, probability.median()  # ~0.75 at std 0.125; 0.006 at HF's 0.02
 
 
 def test_vision_tower_and_processor_load_offline_and_run(assets: TinyAssets) -> None:
@@ -216,7 +216,7 @@ def test_records_are_well_formed(assets: TinyAssets) -> None:
     pretrain = records(assets.pretrain_data)
     recipe1, recipe2, heldout = (records(assets.recipe1_data), records(assets.recipe2_data),
                                  records(assets.heldout_data))
-    assert (len(pretrain), len(recipe1), len(recipe2), len(heldout)) == (128, 128, 128, 32)
+    assert (len(pretrain), len(recipe1), len(recipe2), len(heldout)) == (128, 128, 128, 96)
     check_well_formed(pretrain, assets.pretrain_images)
     for rows in (recipe1, recipe2, heldout):
         check_well_formed(rows, assets.finetune_images)

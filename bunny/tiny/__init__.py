@@ -27,7 +27,7 @@ LLM_DIR = "llm"
 VISION_TOWER_DIR = "vision_tower"
 DEFAULT_N_PRETRAIN = 128
 DEFAULT_N_FINETUNE = 128
-DEFAULT_N_HELDOUT = 32
+DEFAULT_N_HELDOUT = 96  # enough colour and shape questions (~35) to tell learning from chance
 
 __all__ = ["TinyAssets", "make_tiny_assets", "main"]
 
