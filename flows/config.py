@@ -276,7 +276,7 @@ def check_weighted_names(kind: str, names: list[str], weights: list[float], post
 # The CPU demo (`PipelineConfig.demo`): steps and learning rates at which the tiny models learn.
 DEMO_PRETRAIN_STEPS = 32
 DEMO_PRETRAIN_LR = 5e-3
-DEMO_RECIPE_STEPS = 96
+DEMO_RECIPE_STEPS = 64
 DEMO_RECIPE_LR = 1e-2
 
 
