@@ -283,6 +283,13 @@ def check_weighted_names(kind: str, names: list[str], weights: list[float], post
         raise ValueError(f"postprocess.inherit_config_from {post.inherit_config_from!r} is not a {kind}: {names}")
 
 
+# The CPU demo (`PipelineConfig.demo`): steps and learning rates at which the tiny models learn.
+DEMO_PRETRAIN_STEPS = 32
+DEMO_PRETRAIN_LR = 5e-3
+DEMO_RECIPE_STEPS = 64
+DEMO_RECIPE_LR = 1e-2
+
+
 class PipelineConfig(Strict):
     """The whole Bunny recipe: pretrain -> recipes in parallel -> merge each -> average."""
 
@@ -359,27 +366,34 @@ class PipelineConfig(Strict):
         )
 
     @classmethod
-    def demo(cls, assets: TinyAssets, output_root: Path | str, steps: int = 12) -> PipelineConfig:
+    def demo(cls, assets: TinyAssets, output_root: Path | str, steps: int | None = None) -> PipelineConfig:
         """The tutorial's pipeline shrunk to run on a CPU in minutes with `bunny.tiny` assets.
 
-        Each stage trains `steps` optimizer steps with a checkpoint every `steps // 3`, so a
-        stopped stage has something to resume from. DeepSpeed configs stay the tutorial's
-        (ZeRO-2 pretrain, ZeRO-3 recipes), so the demo runs the same code paths as a real run.
+        Long enough to learn something visible: `DEMO_PRETRAIN_STEPS` of projector alignment,
+        then `DEMO_RECIPE_STEPS` per recipe at learning rates sized for a width-64 LLM (the
+        tutorial's 2e-4 / 2e-5 are for 3.8B parameters and move the tiny model by nothing).
+        `steps` sets every stage's steps instead (tests that only exercise the machinery).
+        A checkpoint every third of a stage gives a stopped stage something to resume from.
+        DeepSpeed configs stay the tutorial's (ZeRO-2 pretrain, ZeRO-3 recipes), so the demo
+        runs the same code paths as a real run.
         """
-        small = dict(
-            bf16=False,
-            tf32=False,
-            per_device_train_batch_size=2,
-            per_device_eval_batch_size=2,
-            gradient_accumulation_steps=1,
-            global_batch_size=None,
-            save_steps=max(1, steps // 3),
-            max_steps=steps,
-            model_max_length=256,
-            gradient_checkpointing=False,
-            dataloader_num_workers=0,
-            seed=0,
-        )
+
+        def small(max_steps: int) -> dict[str, Any]:
+            return dict(
+                bf16=False,
+                tf32=False,
+                per_device_train_batch_size=8,
+                per_device_eval_batch_size=8,
+                gradient_accumulation_steps=1,
+                global_batch_size=None,
+                save_steps=max(1, max_steps // 3),
+                max_steps=max_steps,
+                model_max_length=256,
+                gradient_checkpointing=False,
+                dataloader_num_workers=0,
+                seed=0,
+            )
+
         config = cls.tutorial(
             output_root=output_root,
             llm=assets.llm,
@@ -388,14 +402,15 @@ class PipelineConfig(Strict):
             recipe_1_data=StageData(data_path=assets.recipe1_data, image_folder=assets.finetune_images),
             recipe_2_data=StageData(data_path=assets.recipe2_data, image_folder=assets.finetune_images),
         )
+        pretrain = PretrainHyperparameters(**small(steps or DEMO_PRETRAIN_STEPS), learning_rate=DEMO_PRETRAIN_LR)
+        recipes = RecipeHyperparameters(
+            **small(steps or DEMO_RECIPE_STEPS), learning_rate=DEMO_RECIPE_LR, mm_projector_lr=DEMO_RECIPE_LR,
+            lora_r=8, lora_alpha=16,
+        )
         return config.model_copy(
             update={
-                "pretrain": config.pretrain.model_copy(
-                    update={"hyperparameters": PretrainHyperparameters(**small)}
-                ),
-                "recipe_hyperparameters": RecipeHyperparameters(
-                    **small, lora_r=8, lora_alpha=16
-                ),
+                "pretrain": config.pretrain.model_copy(update={"hyperparameters": pretrain}),
+                "recipe_hyperparameters": recipes,
                 "retries": RetrySettings(retries=1, delay_seconds=1),
                 "preflight": PreflightSettings(workers=2),
                 "runtime": RuntimeSettings(

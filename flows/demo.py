@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help=f"default ./{DEFAULT_WORKDIR}")
     parser.add_argument("--ui", action="store_true", help="start the local Prefect server and UI")
     parser.add_argument("--port", type=int, default=4200, help="Prefect UI port with --ui")
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per training stage")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per training stage (default: the demo config's, which learn)")
     parser.add_argument("--fresh", action="store_true", help="delete earlier demo outputs first")
     args = parser.parse_args(argv)
 

@@ -4,7 +4,8 @@
 needs in place of Phi-3-mini, SigLIP-so400m and the Bunny datasets. The folder is built under
 a temporary name and renamed into place, with a marker file written last that records the
 seed and sizes, so a second call with the same arguments returns the existing folder and a
-crash never leaves half-made assets behind.
+crash never leaves half-made assets behind. Assets of an older format (a demo folder made
+before the tiny models or data changed) are rebuilt in place.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from bunny.tiny.data import TinyDataPaths, check_sizes, write_tiny_datasets
 from bunny.tiny.models import save_tiny_llm, save_tiny_vision_tower
 
 MARKER = "tiny_assets.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump when the models or data change: older assets are rebuilt
 LLM_DIR = "llm"
 VISION_TOWER_DIR = "vision_tower"
 DEFAULT_N_PRETRAIN = 128
 DEFAULT_N_FINETUNE = 128
-DEFAULT_N_HELDOUT = 32
+DEFAULT_N_HELDOUT = 96  # enough colour and shape questions (~35) to tell learning from chance
 
 __all__ = ["TinyAssets", "make_tiny_assets", "main"]
 
@@ -81,6 +82,15 @@ def _why_not_reusable(root: Path, spec: dict[str, int]) -> str | None:
     return None
 
 
+def _is_older_format(root: Path) -> bool:
+    """Whether `root` holds tiny assets that an earlier FORMAT_VERSION built."""
+    try:
+        spec = json.loads((root / MARKER).read_text(encoding="utf-8"))["spec"]
+        return int(spec["format"]) < FORMAT_VERSION
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _build(root: Path, spec: dict[str, int]) -> None:
     save_tiny_llm(root / LLM_DIR, spec["seed"])
     save_tiny_vision_tower(root / VISION_TOWER_DIR, spec["seed"])
@@ -99,8 +109,9 @@ def make_tiny_assets(
 ) -> TinyAssets:
     """Build (or reuse) tiny assets in `folder`; the same seed gives the same bytes.
 
-    Reuses `folder` when its marker records the same seed and sizes. Refuses a non-empty
-    `folder` that holds anything else, unless `force`, which replaces it atomically.
+    Reuses `folder` when its marker records the same seed and sizes, and rebuilds it when
+    the marker records an older format. Refuses a non-empty `folder` that holds anything
+    else, unless `force`, which replaces it atomically.
     """
     check_sizes(n_pretrain, n_finetune, n_heldout)
     root = Path(folder).absolute()
@@ -113,8 +124,9 @@ def make_tiny_assets(
             reason = _why_not_reusable(root, spec)
             if reason is None:
                 return _assets_in(root)
-            raise FileExistsError(f"{root} holds something other than these tiny assets: {reason}; "
-                                  "pass force=True (--force) to replace it")
+            if not _is_older_format(root):
+                raise FileExistsError(f"{root} holds something other than these tiny assets: {reason}; "
+                                      "pass force=True (--force) to replace it")
     try:
         with atomic_output_dir(root, overwrite=force or root.exists()) as temp:
             _build(temp, spec)
