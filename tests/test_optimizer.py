@@ -63,8 +63,10 @@ def test_recipe2_trains_tower_and_projector_at_the_projector_lr_and_lora_at_the_
     projector = {n for n in members["mm_projector"] if ".mm_projector." in n}
     assert tower and projector and tower | projector == members["mm_projector"]
     model = recipe2_trainer.model.get_base_model()
-    tower_size = sum(1 for _ in model.get_model().vision_tower.parameters())
-    assert len(tower) == tower_size  # the whole tower
+    # The whole tower that runs (up to the feature layer); the never-run layers stay frozen.
+    tower_trainable = sum(1 for p in model.get_model().vision_tower.parameters() if p.requires_grad)
+    assert 0 < tower_trainable < sum(1 for _ in model.get_model().vision_tower.parameters())
+    assert len(tower) == tower_trainable
     assert all(".lora_A." in n or ".lora_B." in n for n in members["lora"])
     for group in recipe2_trainer.optimizer.param_groups:
         assert group["lr"] == (PROJECTOR_LR if group["name"] == "mm_projector" else LORA_LR), group["name"]
