@@ -101,6 +101,43 @@ def test_unreadable_image_file(tmp_path, folder):
     assert "record 'b' (#1): image file" in problem and "broken.png cannot be read" in problem
 
 
+def test_truncated_jpeg_is_caught(tmp_path, folder):
+    """PIL's verify() passes a truncated JPEG; only a full decode (what training does) fails it."""
+    gradient = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+    gradient.save(folder / "whole.jpg", quality=90)
+    data = (folder / "whole.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    with Image.open(folder / "cut.jpg") as cut:
+        cut.verify()  # the old check: passes
+    assert single(tmp_path, folder, good("j", "cut.jpg")).count("cut.jpg cannot be read") == 1
+    assert validate_records([good("w", "whole.jpg")], tmp_path / "data.json", folder, "phi3") == []
+
+
+def test_wide_range_images(tmp_path, folder):
+    """16-bit images validate (they are scaled); 32-bit integer and float ones are refused by name."""
+    Image.new("I;16", (8, 8), 40000).save(folder / "deep.png")
+    Image.new("I", (8, 8), 70000).save(folder / "int32.tif")
+    Image.new("F", (8, 8), 0.5).save(folder / "float.tif")
+    assert validate_records([good("d", "deep.png")], tmp_path / "data.json", folder, "phi3") == []
+    assert "record 'i' (#1): image file" in single(tmp_path, folder, good("i", "int32.tif"))
+    assert "PIL mode I) has no defined range" in single(tmp_path, folder, good("i", "int32.tif"))
+    assert "PIL mode F) has no defined range" in single(tmp_path, folder, good("f", "float.tif"))
+
+
+@pytest.mark.parametrize("answer", ["", "  \n "])
+def test_empty_answer_is_refused(tmp_path, folder, answer):
+    record = {"id": "e", "conversations": chat("Hi", "Hello.") + chat("And?", answer)}
+    problem = single(tmp_path, folder, record)
+    assert "record 'e' (#1): turn 3 ('gpt') is an empty answer" in problem
+
+
+def test_empty_question_is_refused_but_a_lone_image_is_a_question(tmp_path, folder):
+    record = {"id": "q", "conversations": chat("", "Hello.")}
+    assert "record 'q' (#1): turn 0 ('human') is an empty question" in single(tmp_path, folder, record)
+    lone_image = {"id": "cap", "image": "ok.png", "conversations": chat("<image>", "A caption.")}
+    assert validate_records([lone_image], tmp_path / "data.json", folder, "plain") == []
+
+
 def test_image_path_escaping_the_folder(tmp_path, folder):
     problem = single(tmp_path, folder, good("e", "../data.json"))
     assert "record 'e' (#1): image path '../data.json' escapes --image_folder" in problem
