@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bunny.cli import UserError
 from bunny.constants import DEFAULT_IMAGE_TOKEN
 from bunny.conversation import GPT, HUMAN, get_template
 from bunny.data.images import load_image
@@ -69,8 +70,19 @@ class DataValidationError(ValueError):
         listed = "\n".join(f"  {problem}" for problem in self.problems[:MAX_LISTED_PROBLEMS])
         hidden = len(self.problems) - MAX_LISTED_PROBLEMS
         more = f"\n  ... and {hidden} more problems" if hidden > 0 else ""
-        count = f"{len(self.problems)} problem{'' if len(self.problems) == 1 else 's'}"
-        super().__init__(f"{count} in --data_path {data_path}:\n{listed}{more}")
+        super().__init__(f"{self.headline}:\n{listed}{more}")
+
+    @property
+    def headline(self) -> str:
+        return f"{len(self.problems)} problem{'' if len(self.problems) == 1 else 's'} in --data_path {self.data_path}"
+
+    def as_user_error(self) -> UserError:
+        """The same report for `bunny.cli.run_cli`: the headline, then one line per problem
+        (the first MAX_LISTED_PROBLEMS, and how many more)."""
+        listed = [str(problem) for problem in self.problems[:MAX_LISTED_PROBLEMS]]
+        if len(self.problems) > MAX_LISTED_PROBLEMS:
+            listed.append(f"... and {len(self.problems) - MAX_LISTED_PROBLEMS} more problems")
+        return UserError(self.headline, listed)
 
 
 def _turn_problems(conversations: Any, template_name: str) -> list[str]:
