@@ -74,7 +74,8 @@ def demo_command(workdir: Path, steps: int) -> list[str]:
 def start_demo(workdir: Path, steps: int, log_name: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PREFECT_HOME": str(workdir.parent / "prefect-home")}  # the trials' own Prefect database
+           "PREFECT_HOME": str(workdir.parent / "prefect-home"),  # the trials' own Prefect database
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}  # a loaded machine starts it slowly
     log = open(workdir / log_name, "ab")
     return subprocess.Popen(demo_command(workdir, steps), cwd=REPO_ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
