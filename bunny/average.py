@@ -9,8 +9,12 @@ disk, with reading and writing overlapped with the arithmetic. Peak memory is a 
 buffers (a few MB), whatever the size of the model, of its shards or of its tensors.
 
 Every check (weights, shard presence and integrity, tensor names, shapes, dtypes, the
-output path) runs before the first byte is written, and the output folder only appears,
-through `bunny.fsutil.atomic_output_dir`, once it is complete.
+output path, the free space for every file written) runs before the first byte is written,
+and the output folder only appears, through `bunny.fsutil.atomic_output_dir`, once it is
+complete. Inputs of weight 0 contribute their headers to these checks but none of their
+tensor data is read (0 x NaN would be NaN). Non-finite values (NaN, inf) in an input are
+found while streaming, named by tensor and file, and nothing is written; so is a disk that
+fills up mid-write (one error naming the output, the bytes it needed and those free).
 
 Output layout: `model-0000i-of-0000N.safetensors` shards of at most `max_shard_size` bytes
 (default "5GB", the size of the shards the tutorial's checkpoints come in; a tensor larger
@@ -39,7 +43,15 @@ from typing import BinaryIO
 
 import torch
 
-from bunny.fsutil import atomic_output_dir, output_folder_problem
+from bunny.cli import UserError, add_debug_flag, run_cli
+from bunny.fsutil import (
+    atomic_output_dir,
+    format_bytes,
+    free_bytes,
+    free_space_problem,
+    is_disk_full,
+    output_folder_problem,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -84,8 +96,12 @@ SAFETENSORS_DTYPES: dict[str, DtypeInfo] = {
 }
 
 
-class AverageError(ValueError):
+class AverageError(UserError, ValueError):
     """An input, weight or output path that makes the average impossible or unsafe."""
+
+
+class NonFiniteInputError(AverageError):
+    """An input holds NaN or inf where its weight would carry it into the average."""
 
 
 @dataclass(frozen=True)
@@ -244,8 +260,9 @@ def resolve_weights(
     return weights
 
 
-def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
-    """Every input must hold the same tensor names with the same shapes and dtypes."""
+def check_compatible(checkpoints: Sequence[Checkpoint], contributing: Sequence[Checkpoint] | None = None) -> None:
+    """Every input must hold the same tensor names with the same shapes and dtypes (headers
+    only), and the `contributing` ones (default: all) the same non-float tensors (data)."""
     reference = checkpoints[0]
     problems = []
     for other in checkpoints[1:]:
@@ -267,11 +284,13 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
             f"inputs cannot be averaged (compared with {reference.folder}):\n  "
             + "\n  ".join(problems)
         )
-    non_float = [e for e in reference.tensors.values() if not SAFETENSORS_DTYPES[e.dtype].is_float]
+    contributing = list(contributing if contributing is not None else checkpoints)
+    first = contributing[0]
+    non_float = [e.name for e in first.tensors.values() if not SAFETENSORS_DTYPES[e.dtype].is_float]
     differing = [
-        e.name
-        for e in non_float
-        if any(_read_bytes(c.tensors[e.name]) != _read_bytes(e) for c in checkpoints[1:])
+        name
+        for name in non_float
+        if any(_read_bytes(c.tensors[name]) != _read_bytes(first.tensors[name]) for c in contributing[1:])
     ]
     if differing:
         raise AverageError(
@@ -343,6 +362,11 @@ class SafetensorsWriter:
         self._header = struct.pack("<Q", len(encoded)) + encoded
         self._handle: BinaryIO | None = None
 
+    @property
+    def file_size(self) -> int:
+        """Bytes of the finished file: header and tensors."""
+        return len(self._header) + self.expected_bytes
+
     def _open(self) -> BinaryIO:
         if self._handle is None:
             self._handle = open(self.path, "wb")
@@ -354,9 +378,14 @@ class SafetensorsWriter:
         self.written_bytes += data.nbytes
 
     def abort(self) -> None:
-        """Close without the completeness check (the folder is being thrown away)."""
+        """Close without the completeness check (the folder is being thrown away). Never
+        raises: closing flushes the buffer, which fails again on a full disk, and that second
+        error must not replace the one being handled."""
         if self._handle is not None:
-            self._handle.close()
+            try:
+                self._handle.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
         self._open().close()
@@ -509,16 +538,36 @@ class StreamingAverager:
             torch.mul(inputs[0], self.weights[0], out=output)
             for values, weight in zip(inputs[1:], self.weights[1:]):
                 output.add_(values, alpha=weight)
-            return output_bytes
-        acc_bytes = chunk.count * acc_dtype.itemsize
-        acc = self._scratch.get("acc", acc_bytes).view(acc_dtype)
-        widened = self._scratch.get("widened", acc_bytes).view(acc_dtype)
-        acc.copy_(inputs[0]).mul_(self.weights[0])
-        for values, weight in zip(inputs[1:], self.weights[1:]):
-            # Widen into a reused buffer: a mixed-dtype add_ would allocate one per call.
-            acc.add_(widened.copy_(values), alpha=weight)
-        output.copy_(acc)
+        else:
+            acc_bytes = chunk.count * acc_dtype.itemsize
+            acc = self._scratch.get("acc", acc_bytes).view(acc_dtype)
+            widened = self._scratch.get("widened", acc_bytes).view(acc_dtype)
+            acc.copy_(inputs[0]).mul_(self.weights[0])
+            for values, weight in zip(inputs[1:], self.weights[1:]):
+                # Widen into a reused buffer: a mixed-dtype add_ would allocate one per call.
+                acc.add_(widened.copy_(values), alpha=weight)
+            output.copy_(acc)
+        # NaN and inf survive a sum, so one cheap reduction screens the chunk; the exact
+        # search runs only when it fails (or when a huge but finite sum overflowed).
+        if not torch.isfinite(output.sum(dtype=acc_dtype)):
+            self._check_finite(chunk, inputs, output)
         return output_bytes
+
+    @staticmethod
+    def _check_finite(chunk: Chunk, inputs: Sequence[torch.Tensor], output: torch.Tensor) -> None:
+        """Name the first input whose chunk holds NaN or inf; else refuse an overflowing sum."""
+        for entry, values in zip(chunk.sources, inputs):
+            bad = (~torch.isfinite(values)).nonzero()
+            if len(bad):
+                where = chunk.first + int(bad[0])
+                kind = "NaN" if torch.isnan(values[bad[0]]).item() else "inf"
+                raise NonFiniteInputError(
+                    f"{entry.file}: tensor {entry.name} holds {kind} (element {where}; "
+                    f"{len(bad)} non-finite among elements {chunk.first}..{chunk.first + chunk.count - 1})"
+                )
+        if not bool(torch.isfinite(output).all()):
+            raise AverageError(f"the weighted sum of tensor {chunk.sources[0].name} overflows "
+                               f"{chunk.sources[0].dtype} (are the --weights right?)")
 
 
 def copy_non_weight_files(checkpoint: Checkpoint, destination: Path) -> list[str]:
@@ -538,18 +587,6 @@ def copy_non_weight_files(checkpoint: Checkpoint, destination: Path) -> list[str
 def _check_output_path(output: Path, inputs: Sequence[Path], overwrite: bool) -> None:
     if problem := output_folder_problem(output, inputs, overwrite, "output"):
         raise AverageError(problem)
-
-
-def _check_free_space(output: Path, needed: int) -> None:
-    """Refuse up front rather than fail mid-write (an overwritten output is freed only after)."""
-    existing = output.absolute().parent
-    while not existing.exists():
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
-    if free < needed:
-        raise AverageError(
-            f"output {output} needs {needed / 1e9:.2f} GB but {existing} has {free / 1e9:.2f} GB free"
-        )
 
 
 def average_checkpoints(
@@ -574,31 +611,57 @@ def average_checkpoints(
     weights = resolve_weights(weights, len(folders), allow_unnormalized)
     if not -len(folders) <= inherit_from < len(folders):
         raise AverageError(f"inherit_from={inherit_from} is not one of the {len(folders)} inputs")
+    if not any(weights):
+        raise AverageError(f"--weights {weights} are all zero: the average would be all zeros")
     max_shard_bytes = parse_size(max_shard_size)
     _check_output_path(output, folders, overwrite)
     checkpoints = [read_checkpoint(folder) for folder in folders]
-    check_compatible(checkpoints)
+    # Zero-weight inputs: headers checked, tensor data never read.
+    contributing = [(c, w) for c, w in zip(checkpoints, weights) if w != 0]
+    check_compatible(checkpoints, [c for c, _ in contributing])
 
     plan = plan_shards(list(checkpoints[0].tensors.values()), max_shard_bytes)
     shard_names = [SHARD_NAME.format(index=i + 1, total=len(plan)) for i in range(len(plan))]
     weight_map = {e.name: name for name, shard in zip(shard_names, plan) for e in shard}
     total_size = sum(e.nbytes for e in checkpoints[0].tensors.values())
-    _check_free_space(output, total_size)
-    averager = StreamingAverager(weights, chunk_elements)
-    with atomic_output_dir(output, overwrite=overwrite) as temp:
-        copy_non_weight_files(checkpoints[inherit_from], temp)
-        averager.run(
-            [
-                (
-                    SafetensorsWriter(temp / name, shard),
-                    [[c.tensors[e.name] for c in checkpoints] for e in shard],
-                )
-                for name, shard in zip(shard_names, plan)
-            ]
-        )
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (temp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    index_text = json.dumps(index, indent=2) + "\n"
+    shard_sizes = [SafetensorsWriter(Path(name), shard).file_size for name, shard in zip(shard_names, plan)]
+    file_sizes = shard_sizes + [len(index_text.encode("utf-8"))] + non_weight_file_sizes(checkpoints[inherit_from])
+    if problem := free_space_problem(output, file_sizes):
+        raise AverageError(problem)
+    free_before = free_bytes(output)
+    averager = StreamingAverager([w for _, w in contributing], chunk_elements)
+    try:
+        with atomic_output_dir(output, overwrite=overwrite) as temp:
+            copy_non_weight_files(checkpoints[inherit_from], temp)
+            averager.run(
+                [
+                    (SafetensorsWriter(temp / name, shard), [[c.tensors[e.name] for c, _ in contributing] for e in shard])
+                    for name, shard in zip(shard_names, plan)
+                ]
+            )
+            (temp / INDEX_NAME).write_text(index_text, encoding="utf-8")
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise AverageError(
+            f"output {output}: the disk filled up while writing ({error.strerror}); nothing was written. "
+            f"The average needs {format_bytes(sum(file_sizes))}; {format_bytes(free_before)} were free "
+            f"when it started, {format_bytes(free_bytes(output))} are free now"
+        ) from error
     return AverageResult(output, shard_names, len(weight_map), total_size)
+
+
+def non_weight_file_sizes(checkpoint: Checkpoint) -> list[int]:
+    """Sizes of the files `copy_non_weight_files` copies."""
+    sizes = []
+    for item in checkpoint.folder.iterdir():
+        if item.name in checkpoint.weight_files or WEIGHT_FILE_PATTERN.fullmatch(item.name):
+            continue
+        paths = [p for p in item.rglob("*") if p.is_file()] if item.is_dir() else [item]
+        sizes += [p.stat().st_size for p in paths]
+    return sizes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -626,33 +689,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-unnormalized", action="store_true", help="accept weights that do not sum to 1"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    add_debug_flag(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    return run_cli("bunny-average", lambda: _average_from_args(args), debug=args.debug)
+
+
+def _average_from_args(args: argparse.Namespace) -> int:
     inherit_from = -1
     if args.inherit_from is not None:
         matches = [i for i, m in enumerate(args.models) if m.resolve() == args.inherit_from.resolve()]
         if not matches:
-            parser.error(f"--inherit-from {args.inherit_from} is not one of the model folders")
+            raise AverageError(f"--inherit-from {args.inherit_from} is not one of the model folders")
         inherit_from = matches[0]
     started = time.perf_counter()
-    try:
-        result = average_checkpoints(
-            args.models,
-            args.output,
-            args.weights,
-            inherit_from=inherit_from,
-            max_shard_size=args.max_shard_size,
-            allow_unnormalized=args.allow_unnormalized,
-            overwrite=args.overwrite,
-        )
-    except AverageError as exc:
-        parser.exit(2, f"bunny-average: error: {exc}\n")
+    result = average_checkpoints(
+        args.models,
+        args.output,
+        args.weights,
+        inherit_from=inherit_from,
+        max_shard_size=args.max_shard_size,
+        allow_unnormalized=args.allow_unnormalized,
+        overwrite=args.overwrite,
+    )
     print(
-        f"wrote {result.output_dir}: {result.num_tensors} tensors, {result.total_size / 1e9:.2f} GB "
+        f"wrote {result.output_dir}: {result.num_tensors} tensors, {format_bytes(result.total_size)} "
         f"in {len(result.shard_files)} shard(s), {time.perf_counter() - started:.1f} s"
     )
     return 0

@@ -126,6 +126,10 @@ def default_template(model_type: str) -> str:
     return DEFAULT_TEMPLATES[model_type]
 
 
+class TemplateMismatchError(ValueError):
+    """A chat template whose stop string does not fit the tokenizer (a user error)."""
+
+
 def check_template_fits(name: str, tokenizer: PreTrainedTokenizerBase, stop_ids: Sequence[int] = ()) -> None:
     """Refuse a chat template whose stop string the model could not learn to emit as its stop.
 
@@ -142,10 +146,10 @@ def check_template_fits(name: str, tokenizer: PreTrainedTokenizerBase, stop_ids:
                      if other.style == "chat" and other.answer_end == tokenizer.eos_token)
     hint = f"templates whose stop string is this tokenizer's EOS {tokenizer.eos_token!r}: {', '.join(fitting) or 'none'}"
     if len(ids) != 1:
-        raise ValueError(f"--version {name!r}: its stop string {stop!r} is not one token of this tokenizer "
+        raise TemplateMismatchError(f"--version {name!r}: its stop string {stop!r} is not one token of this tokenizer "
                          f"(it encodes as {len(ids)} tokens {tokenizer.convert_ids_to_tokens(ids)}); {hint}")
     if ids[0] != tokenizer.eos_token_id and ids[0] not in set(stop_ids):
-        raise ValueError(f"--version {name!r}: its stop string {stop!r} is a token of this tokenizer but not "
+        raise TemplateMismatchError(f"--version {name!r}: its stop string {stop!r} is a token of this tokenizer but not "
                          f"its EOS nor an EOS id of the model's generation config, so generation would not stop "
                          f"there; {hint}")
 

@@ -8,7 +8,9 @@ system, so the final rename is atomic), flushed to disk, and only then renamed i
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
 import shutil
 import uuid
@@ -135,3 +137,58 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
         temp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def format_bytes(size: int) -> str:
+    """`size` in human units: '812 B', '3.4 KB', '27.1 MB', '7.60 GB' (powers of 1000)."""
+    if size < 1000:
+        return f"{size} B"
+    for unit in ("KB", "MB", "GB", "TB", "PB"):
+        size /= 1000
+        if size < 1000 or unit == "PB":
+            return f"{size:.2f} {unit}" if unit in ("GB", "TB", "PB") else f"{size:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def existing_ancestor(path: Path) -> Path:
+    """`path` itself or its nearest existing parent: where a new output's space comes from."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def disk_bytes(file_sizes: Sequence[int], block_size: int) -> int:
+    """Space that files of `file_sizes` bytes take on a file system of `block_size` blocks."""
+    return sum(math.ceil(size / block_size) * block_size for size in file_sizes) + block_size  # + the folder
+
+
+def free_space_problem(output: Path, file_sizes: Sequence[int], name: str = "output") -> str | None:
+    """Why the files about to be written under `output` would not fit, or None.
+
+    Counts every file (headers, configs, tokenizer...) rounded up to the file system's block;
+    an output being overwritten is freed only after the new one is complete, so its space
+    does not count as free."""
+    where = existing_ancestor(output)
+    usage = os.statvfs(where)
+    needed = disk_bytes(file_sizes, usage.f_frsize or 4096)
+    free = usage.f_bavail * usage.f_frsize
+    if free < needed:
+        return (f"{name} {output} needs {format_bytes(needed)} ({len(file_sizes)} files) "
+                f"but {where} has {format_bytes(free)} free")
+    return None
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what it was raised from) is a full disk or an exhausted quota."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free to an unprivileged writer on `path`'s file system."""
+    usage = os.statvfs(existing_ancestor(path))
+    return usage.f_bavail * usage.f_frsize

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,10 +18,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bunny import average as average_module
+from bunny import fsutil
 from bunny.average import (
     INDEX_NAME,
     AverageError,
+    NonFiniteInputError,
     SafetensorsWriter,
+    StreamingAverager,
     average_checkpoints,
     main,
     parse_size,
@@ -206,8 +212,7 @@ def test_inherit_from_picks_another_input(tmp_path: Path, two_models) -> None:
     assert main([str(first), str(second), "-o", str(tmp_path / "avg"), "--inherit-from", str(first)]) == 0
     assert json.loads((tmp_path / "avg/config.json").read_text()) == {"source": "recipe-1"}
     assert not (tmp_path / "avg/tokenizer.json").exists()
-    with pytest.raises(SystemExit):
-        main([str(first), str(second), "-o", str(tmp_path / "x"), "--inherit-from", str(tmp_path)])
+    assert main([str(first), str(second), "-o", str(tmp_path / "x"), "--inherit-from", str(tmp_path)]) == 2
 
 
 def assert_refused(tmp_path: Path, models: list[Path], match: str, **kwargs) -> None:
@@ -387,21 +392,174 @@ def test_cli_end_to_end(tmp_path: Path, two_models) -> None:
     torch.testing.assert_close(output["lm_head.weight"].double(), expected["lm_head.weight"].bfloat16().double(), rtol=2**-7, atol=1e-6)
 
 
-def test_cli_refusal_exits_2_with_the_reason(tmp_path: Path, two_models, capsys) -> None:
+def test_cli_refusal_exits_2_with_one_line(tmp_path: Path, two_models, capsys, monkeypatch) -> None:
     first, second, _ = two_models
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(first), str(second), "-o", str(tmp_path / "avg"), "-w", "0.5", "0.6"])
-    assert exit_info.value.code == 2
-    assert "sum to 1.1" in capsys.readouterr().err
+    monkeypatch.delenv("BUNNY_DEBUG", raising=False)
+    assert main([str(first), str(second), "-o", str(tmp_path / "avg"), "-w", "0.5", "0.6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bunny-average: error: --weights [0.5, 0.6] sum to 1.1") and len(err.splitlines()) == 1
+    assert main([str(first), str(second), "-o", str(tmp_path / "avg"), "--inherit-from", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("bunny-average: error: --inherit-from")
+    with pytest.raises(AverageError, match="sum to 1.1"):
+        main([str(first), str(second), "-o", str(tmp_path / "avg"), "-w", "0.5", "0.6", "--debug"])
 
 
-def test_refuses_output_that_does_not_fit_on_disk(
+def fake_free_space(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    """Make every file system report `free` bytes available (4 KiB blocks)."""
+    fake = SimpleNamespace(f_frsize=4096, f_bavail=free // 4096)
+    monkeypatch.setattr(fsutil.os, "statvfs", lambda path: fake)
+
+
+def disk_size_of(folder: Path) -> int:
+    """What `folder`'s files take in 4 KiB blocks, measured on a finished output."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())
+
+
+def test_free_space_check_counts_every_file_in_human_units(
     tmp_path: Path, two_models, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    first, second, states = two_models
+    average_checkpoints([first, second], tmp_path / "reference")
+    written = disk_size_of(tmp_path / "reference")
+    tensor_bytes = sum(t.nbytes for t in states[0].values())
+    assert written > tensor_bytes + 4096  # headers, index, config, tokenizer... weigh
+    fake_free_space(monkeypatch, written - 4096)
+    assert_refused(tmp_path, [first, second], r"output .*avg needs \d+\.\d KB \(\d+ files\) but .* has "
+                   rf"{(written - 4096) / 1000:.1f} KB free")
+    fake_free_space(monkeypatch, written + 8192)
+    average_checkpoints([first, second], tmp_path / "avg")
+
+
+class FullDiskFile:
+    """A file on a disk that fills after `room` bytes: writes beyond, and the flush in close, fail."""
+
+    def __init__(self, path: Path, mode: str, room: int = 600) -> None:
+        self.path, self.room, self.file = path, room, open(path, mode)
+
+    def write(self, data) -> int:
+        size = len(memoryview(data))
+        if size > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{self.path} (write)")
+        self.room -= size
+        return self.file.write(data)
+
+    def close(self) -> None:
+        self.file.close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{self.path} (close)")
+
+
+def test_disk_full_mid_write_is_one_clear_error(
+    tmp_path: Path, two_models, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     first, second, _ = two_models
-    almost_full = shutil.disk_usage(tmp_path)._replace(free=10)
-    monkeypatch.setattr(average_module.shutil, "disk_usage", lambda path: almost_full)
-    assert_refused(tmp_path, [first, second], r"needs 0\.00 GB but .* has 0\.00 GB free")
+    def full_disk_open(path, mode="r", *args, **kwargs):  # shards fill the disk; reading works
+        return FullDiskFile(path, mode) if "w" in mode else open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(average_module, "open", full_disk_open, raising=False)
+    monkeypatch.delenv("BUNNY_DEBUG", raising=False)
+    with pytest.raises(AverageError) as caught:
+        average_checkpoints([first, second], tmp_path / "avg", chunk_elements=64)
+    assert "(write)" in str(caught.value.__cause__)  # the first failure, not abort()'s failing close
+    message = str(caught.value)
+    assert message.startswith(f"output {tmp_path / 'avg'}: the disk filled up while writing (No space left")
+    assert re.search(r"needs \d+\.\d KB; .* were free when it started, .* are free now$", message)
+    assert not (tmp_path / "avg").exists() and not leftovers(tmp_path)
+    assert main([str(first), str(second), "-o", str(tmp_path / "avg")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "disk filled up" in err
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path):
+    """A 256 KiB tmpfs, where the machine lets us mount one (root on Linux); else skip."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_disk_full_on_a_real_small_filesystem(tmp_path: Path, small_filesystem: Path, monkeypatch) -> None:
+    shapes = {"a": (128, 256), "b": (256, 256)}  # 393 KB in float32: more than the 262 KB (256 KiB) disk
+    folders = [save_model(tmp_path / f"m{i}", random_state(i, torch.float32, shapes)) for i in range(2)]
+    with pytest.raises(AverageError, match=r"needs 4\d\d\.\d KB \(\d+ files\) but .* has 2\d\d\.\d KB free"):
+        average_checkpoints(folders, small_filesystem / "avg")
+    monkeypatch.setattr(average_module, "free_space_problem", lambda *args: None)  # let it try anyway
+    with pytest.raises(AverageError, match=rf"output {small_filesystem / 'avg'}: the disk filled up"):
+        average_checkpoints(folders, small_filesystem / "avg")
+    assert list(small_filesystem.iterdir()) == []
+    assert shutil.disk_usage(small_filesystem).used < 16 * 1024
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_is_named_and_nothing_is_written(tmp_path: Path, dtype, bad) -> None:
+    states = [random_state(1, dtype), random_state(2, dtype)]
+    states[1]["model.layers.0.mlp.down_proj.weight"].view(-1)[300] = bad
+    folders = [save_model(tmp_path / "m0", states[0]), save_model(tmp_path / "m1", states[1], shards=2)]
+    shard = next(f for f in sorted(folders[1].glob("*.safetensors"))
+                 if "model.layers.0.mlp.down_proj.weight" in safe_open(f, "pt").keys())
+    kind = "NaN" if bad != bad else "inf"
+    assert_refused(tmp_path, folders, rf"{re.escape(str(shard))}: tensor model.layers.0.mlp.down_proj.weight "
+                   rf"holds {kind} \(element 300;", chunk_elements=128)
+    with pytest.raises(NonFiniteInputError):
+        average_checkpoints(folders, tmp_path / "avg", [0.999, 0.001])
+
+
+def test_zero_weight_inputs_are_never_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    poisoned = {name: torch.full_like(t, float("nan")) for name, t in random_state(1, torch.float32).items()}
+    clean = random_state(2, torch.float32)
+    ints = {"model.buffer": torch.arange(4)}
+    folders = [save_model(tmp_path / "poisoned", poisoned | {"model.buffer": torch.arange(4) + 9}),
+               save_model(tmp_path / "clean", clean | ints)]
+    read_files: set[Path] = set()
+    real_read, real_read_bytes = StreamingAverager._read, average_module._read_bytes
+    monkeypatch.setattr(StreamingAverager, "_read", lambda self, chunk, slot: (
+        read_files.update(e.file for e in chunk.sources), real_read(self, chunk, slot))[1])
+    monkeypatch.setattr(average_module, "_read_bytes", lambda entry: (
+        read_files.add(entry.file), real_read_bytes(entry))[1])
+    average_checkpoints(folders, tmp_path / "avg", [0.0, 1.0])
+    assert read_files == {folders[1] / "model.safetensors"}
+    output = load_output(tmp_path / "avg")
+    assert all(torch.equal(output[name], tensor) for name, tensor in (clean | ints).items())
+    with pytest.raises(AverageError, match="all zero"):
+        average_checkpoints(folders, tmp_path / "zeros", [0.0, 0.0], allow_unnormalized=True)
+
+
+RSS_PROBE = """
+import re, sys
+from bunny.average import average_checkpoints
+
+def status(field):
+    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")  # reset the peak RSS (VmHWM): the imports' transient peak must not count
+before = status("VmRSS")
+average_checkpoints(sys.argv[1:3], sys.argv[3])
+print(status("VmHWM") - before)
+"""
+
+
+def test_memory_stays_flat_whatever_the_model_size(tmp_path: Path) -> None:
+    """Averaging two 64 MB inputs raises the peak RSS by the chunk buffers only (a few MB), not
+    by a tensor or a shard: a loader holding even one input whole would add 64 MB."""
+    shapes = {f"layer{i}.weight": (1024, 4096) for i in range(4)}  # 4 x 16 MB in float32
+    folders = [save_model(tmp_path / f"m{i}", random_state(i, torch.float32, shapes)) for i in range(2)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", RSS_PROBE, *map(str, folders), str(tmp_path / "avg")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    grown_mb = int(done.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+    assert grown_mb < 40, f"peak RSS grew by {grown_mb:.0f} MB averaging two 64 MB models"
+    assert (tmp_path / "avg" / "model-00001-of-00001.safetensors").stat().st_size > 64 * 10**6
 
 
 def test_output_loads_with_transformers(tmp_path: Path) -> None:

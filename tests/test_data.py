@@ -7,6 +7,7 @@ import pickle
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,6 +23,7 @@ from bunny.data import (
     modality_length_grouped_indices,
     process_image,
 )
+from bunny.data.images import pad_colour, to_rgb
 from bunny.tiny.tokenizer import build_tiny_tokenizer
 
 try:  # transformers 5 names the PIL backend apart; it behaves like SiglipImageProcessor
@@ -117,6 +119,42 @@ def test_pad_fills_with_processor_mean_and_square_stretches(image_processor, ima
     assert canvas.getpixel((20, 20)) == (255, 0, 0)
 
 
+def test_pad_colour_truncates_the_mean_like_bunny(image_processor):
+    """Bunny fills with int(mean * 255): 127 for a 0.5 mean (rounding would give 128)."""
+    half = ImageProcessor(size={"height": SIDE, "width": SIDE}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    assert pad_colour(half) == (127, 127, 127)
+    assert pad_colour(image_processor) == (51, 102, 153)  # 0.2 * 255 = 51.0000...01: exact values stay
+    clip = ImageProcessor(image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[1, 1, 1])
+    assert pad_colour(clip) == (122, 116, 104)
+    padded = process_image(Image.new("RGB", (32, 16), (255, 0, 0)), half, "pad")
+    assert torch.allclose(padded[:, 0, :], torch.full((3, SIDE), (127 / 255 - 0.5) / 0.5), atol=1e-6)
+
+
+def test_sixteen_bit_gradient_is_scaled_not_clipped(tmp_path):
+    """A 0-65535 ramp becomes a 0-255 ramp (PIL's convert("RGB") makes 99.6% of it white)."""
+    ramp = np.linspace(0, 65535, 1024).round().astype(np.uint16).reshape(4, 256)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    with Image.open(tmp_path / "ramp.png") as opened:
+        assert opened.mode == "I;16"
+    rgb = np.asarray(load_image(tmp_path / "ramp.png"))
+    assert rgb.shape == (4, 256, 3) and rgb.dtype == np.uint8
+    expected = np.floor(ramp.astype(np.float64) * 255 / 65535 + 0.5)  # nearest 8-bit level, independently
+    assert np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 1], rgb[..., 2])
+    assert (rgb == 255).mean() < 0.01 and rgb.min() == 0
+    big_endian = Image.frombytes("I;16B", (256, 4), ramp.astype(">u2").tobytes())
+    assert np.array_equal(np.asarray(to_rgb(big_endian))[..., 0], expected)
+
+
+def test_alpha_is_dropped_like_the_original(image_folder, tmp_path):
+    """RGBA keeps the colour stored under each pixel, as PIL's convert("RGB") in Bunny does."""
+    rgba = Image.new("RGBA", (2, 1), (10, 20, 30, 0))
+    rgba.putpixel((1, 0), (200, 100, 50, 128))
+    rgba.save(tmp_path / "alpha.png")
+    loaded = load_image(tmp_path / "alpha.png")
+    assert [loaded.getpixel((0, 0)), loaded.getpixel((1, 0))] == [(10, 20, 30), (200, 100, 50)]
+    assert load_image(image_folder / "square.png").getpixel((0, 0)) == (0, 0, 255)
+
+
 def test_unknown_aspect_ratio_names_the_flag(tmp_path, tokenizer, image_processor, image_folder):
     with pytest.raises(ValueError, match="--image_aspect_ratio 'anyres'"):
         process_image(load_image(image_folder / "wide.png"), image_processor, "anyres")
@@ -175,19 +213,40 @@ def batches(order: list[int], size: int) -> list[list[int]]:
     return [order[start:start + size] for start in range(0, len(order), size)]
 
 
-def test_sampler_groups_modalities_and_lengths():
-    lengths = [(i % 7 + 1) * (1 if i % 3 else -1) for i in range(50)]  # 17 text-only, 33 image samples
-    batch_size, world_size = 2, 2
+def _long_counts_per_rank(megabatch: list[int], lengths: list[int], batch_size: int) -> list[int]:
+    return [sum(abs(lengths[i]) == 100 for i in rank) for rank in batches(megabatch, batch_size)]
+
+
+def test_sampler_groups_modalities_and_balances_lengths_across_ranks():
+    """Each full megabatch is one modality, and its long samples are spread evenly over the ranks.
+
+    Lengths are 1 or 100, so a balanced deal gives every rank the same number of long samples,
+    give or take one; an undealt megabatch (the shuffled order cut in rank-sized pieces) does
+    not, which the test checks too, so it cannot pass without the balancing.
+    """
+    generator = torch.Generator().manual_seed(1)
+    magnitudes = torch.where(torch.rand(400, generator=generator) < 0.3, 100, 1).tolist()
+    signs = torch.where(torch.rand(400, generator=generator) < 0.6, 1, -1).tolist()
+    lengths = [m * s for m, s in zip(magnitudes, signs)]
+    batch_size, world_size = 4, 4
     order = modality_length_grouped_indices(lengths, batch_size, world_size, torch.Generator().manual_seed(0))
-    assert sorted(order) == list(range(50))
-    full = (33 // 4 + 17 // 4) * 4  # samples in full megabatches
-    for batch in batches(order[:full], batch_size):
-        assert len({lengths[i] > 0 for i in batch}) == 1  # one modality per batch
-    for megabatch in batches(order[:full], batch_size * world_size):
-        ranks = batches(megabatch, batch_size)
-        totals = [sum(abs(lengths[i]) for i in rank) for rank in ranks]
-        assert max(totals) - min(totals) <= 7  # balanced across ranks
-    assert Counter(lengths[i] > 0 for i in order[full:]) == Counter({True: 33 % 4, False: 17 % 4})
+    assert sorted(order) == list(range(400))
+    images, texts = sum(length > 0 for length in lengths), sum(length < 0 for length in lengths)
+    step = batch_size * world_size
+    full = (images // step + texts // step) * step  # samples in full megabatches
+    megabatches = batches(order[:full], step)
+    assert len(megabatches) >= 20
+    for megabatch in megabatches:
+        assert len({lengths[i] > 0 for i in megabatch}) == 1  # one modality per optimizer step
+        counts = _long_counts_per_rank(megabatch, lengths, batch_size)
+        assert max(counts) - min(counts) <= 1, counts
+        ranks = batches(megabatch, batch_size)  # each rank's batch is dealt longest first
+        assert all([abs(lengths[i]) for i in rank] == sorted((abs(lengths[i]) for i in rank), reverse=True)
+                   for rank in ranks)
+    # The same megabatches cut without dealing would be unbalanced somewhere: the check has teeth.
+    shuffled = [sorted(m, key=lambda i: torch.rand(1, generator=generator).item()) for m in megabatches]
+    assert any(max(c) - min(c) > 1 for c in (_long_counts_per_rank(m, lengths, batch_size) for m in shuffled))
+    assert Counter(lengths[i] > 0 for i in order[full:]) == Counter({True: images % step, False: texts % step})
 
 
 def test_sampler_is_deterministic_per_seed_and_epoch():

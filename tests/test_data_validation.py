@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from bunny.data import DataValidationError, load_records, validate_dataset, validate_records
+from bunny.model.projector import PROJECTOR_TYPES
+from conftest import TRAIN_SCRIPT
 
 
 def chat(question: str, answer: str) -> list[dict[str, str]]:
@@ -101,6 +106,43 @@ def test_unreadable_image_file(tmp_path, folder):
     assert "record 'b' (#1): image file" in problem and "broken.png cannot be read" in problem
 
 
+def test_truncated_jpeg_is_caught(tmp_path, folder):
+    """PIL's verify() passes a truncated JPEG; only a full decode (what training does) fails it."""
+    gradient = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+    gradient.save(folder / "whole.jpg", quality=90)
+    data = (folder / "whole.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    with Image.open(folder / "cut.jpg") as cut:
+        cut.verify()  # the old check: passes
+    assert single(tmp_path, folder, good("j", "cut.jpg")).count("cut.jpg cannot be read") == 1
+    assert validate_records([good("w", "whole.jpg")], tmp_path / "data.json", folder, "phi3") == []
+
+
+def test_wide_range_images(tmp_path, folder):
+    """16-bit images validate (they are scaled); 32-bit integer and float ones are refused by name."""
+    Image.new("I;16", (8, 8), 40000).save(folder / "deep.png")
+    Image.new("I", (8, 8), 70000).save(folder / "int32.tif")
+    Image.new("F", (8, 8), 0.5).save(folder / "float.tif")
+    assert validate_records([good("d", "deep.png")], tmp_path / "data.json", folder, "phi3") == []
+    assert "record 'i' (#1): image file" in single(tmp_path, folder, good("i", "int32.tif"))
+    assert "PIL mode I) has no defined range" in single(tmp_path, folder, good("i", "int32.tif"))
+    assert "PIL mode F) has no defined range" in single(tmp_path, folder, good("f", "float.tif"))
+
+
+@pytest.mark.parametrize("answer", ["", "  \n "])
+def test_empty_answer_is_refused(tmp_path, folder, answer):
+    record = {"id": "e", "conversations": chat("Hi", "Hello.") + chat("And?", answer)}
+    problem = single(tmp_path, folder, record)
+    assert "record 'e' (#1): turn 3 ('gpt') is an empty answer" in problem
+
+
+def test_empty_question_is_refused_but_a_lone_image_is_a_question(tmp_path, folder):
+    record = {"id": "q", "conversations": chat("", "Hello.")}
+    assert "record 'q' (#1): turn 0 ('human') is an empty question" in single(tmp_path, folder, record)
+    lone_image = {"id": "cap", "image": "ok.png", "conversations": chat("<image>", "A caption.")}
+    assert validate_records([lone_image], tmp_path / "data.json", folder, "plain") == []
+
+
 def test_image_path_escaping_the_folder(tmp_path, folder):
     problem = single(tmp_path, folder, good("e", "../data.json"))
     assert "record 'e' (#1): image path '../data.json' escapes --image_folder" in problem
@@ -184,3 +226,42 @@ def test_load_records_errors_name_the_file(tmp_path):
     mapping.write_text('{"id": 1}', encoding="utf-8")
     with pytest.raises(ValueError, match=r"--data_path .*mapping.json: expected a JSON list of records, got a JSON o"):
         load_records(mapping)
+
+
+def _train_cli(tmp_path: Path, data_path: Path, *flags: str, debug: bool = False):
+    """train.py as a command; validation runs before any model loads, so any folder stands in for them."""
+    env = {k: v for k, v in os.environ.items() if k != "BUNNY_DEBUG"} | ({"BUNNY_DEBUG": "1"} if debug else {})
+    command = [sys.executable, str(TRAIN_SCRIPT), "--model_name_or_path", str(tmp_path), "--vision_tower",
+               str(tmp_path), "--data_path", str(data_path), "--output_dir", str(tmp_path / "out"), *flags]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_train_reports_bad_data_in_lines_without_traceback(tmp_path, folder):
+    data_path = tmp_path / "data.json"
+    data_path.write_text(json.dumps([good(), good("gone", "missing.png"), {"id": "e", "conversations": chat("Hi", "")}]))
+    result = _train_cli(tmp_path, data_path, "--image_folder", str(folder))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == f"train: error: 2 problems in --data_path {data_path}"
+    assert lines[1].startswith(f"  - {data_path}: record 'gone' (#1): image file") and "missing.png" in lines[1]
+    assert lines[2] == f"  - {data_path}: record 'e' (#2): turn 1 ('gpt') is an empty answer: " \
+                       "it would train only the end-of-text token"
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_bad_flag_is_one_line_and_bunny_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    from bunny.cli import UserError
+    from bunny.train.train import main as train_main
+
+    data_path = tmp_path / "data.json"
+    data_path.write_text(json.dumps([good(image=None)]))
+    argv = ["--model_name_or_path", str(tmp_path), "--vision_tower", str(tmp_path), "--data_path", str(data_path),
+            "--output_dir", str(tmp_path / "out"), "--mm_projector_type", "mlp9"]
+    monkeypatch.delenv("BUNNY_DEBUG", raising=False)
+    assert train_main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"train: error: unknown --mm_projector_type 'mlp9'; known: {', '.join(PROJECTOR_TYPES)}"]
+    monkeypatch.setenv("BUNNY_DEBUG", "1")
+    with pytest.raises(UserError, match="--mm_projector_type 'mlp9'"):
+        train_main(argv)

@@ -130,9 +130,9 @@ def test_cli_prints_paths(assets: TinyAssets, capsys: pytest.CaptureFixture[str]
     assert printed == {name: str(path) for name, path in vars(assets).items()}
     assert main([str(assets.root)]) == 0
     assert f"llm: {assets.llm}" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main([str(assets.root), "--seed", "9"])  # different seed, same folder, no --force
-    assert "--force" in capsys.readouterr().err
+    assert main([str(assets.root), "--seed", "9"]) == 2  # different seed, same folder, no --force
+    err = capsys.readouterr().err
+    assert err.startswith("bunny-tiny: error: ") and "--force" in err and "Traceback" not in err
 
 
 # --- models ---------------------------------------------------------------------------------------

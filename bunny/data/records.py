@@ -11,23 +11,33 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bunny.cli import UserError
+
 Record = dict[str, Any]
 _JSON_KINDS = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
                type(None): "null"}
+
+
+class DataFileError(UserError, ValueError):
+    """`--data_path` is not a JSON list of records (a user error: the message names the file)."""
+
+
+class DataFileNotFoundError(DataFileError, FileNotFoundError):
+    """`--data_path` names no file."""
 
 
 def load_records(data_path: str | Path) -> list[Record]:
     """Parse `data_path` (`--data_path`), a JSON list of records, as is."""
     path = Path(data_path)
     if not path.is_file():
-        raise FileNotFoundError(f"--data_path {path}: no such file")
+        raise DataFileNotFoundError(f"--data_path {path}: no such file")
     try:
         with path.open("rb") as handle:
             records = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"--data_path {path}: not valid JSON ({exc})") from exc
+        raise DataFileError(f"--data_path {path}: not valid JSON ({exc})") from exc
     if not isinstance(records, list):
-        raise ValueError(f"--data_path {path}: expected a JSON list of records, got a JSON {json_kind(records)}")
+        raise DataFileError(f"--data_path {path}: expected a JSON list of records, got a JSON {json_kind(records)}")
     return records
 
 

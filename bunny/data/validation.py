@@ -12,7 +12,13 @@ index. The rules:
   ``image`` has none (a stray placeholder would become an image slot with no image);
 * ``image`` is a path relative to ``--image_folder`` that stays inside it (no absolute paths,
   no ``..`` escaping it, checked on the text of the path); with ``check_images`` the file must
-  exist and PIL must open and verify it (each distinct file once, in a thread pool).
+  exist and decode completely, through the very `load_image` training uses, to 8-bit RGB (each
+  distinct file once, in a thread pool: PIL's decoders release the GIL). PIL's ``verify()``
+  would not do: it checks nothing of a JPEG's image data, so a truncated JPEG would pass and
+  fail training at the first batch that reads it;
+* no turn is empty: an empty (or blank) answer would train the end-of-text token alone, and an
+  empty question (no text and no ``<image>``) would ask nothing. Such records are refused, not
+  skipped: they are a data-preparation bug to fix, and a skip would hide it.
 """
 
 from __future__ import annotations
@@ -25,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
+from bunny.cli import UserError
 from bunny.constants import DEFAULT_IMAGE_TOKEN
 from bunny.conversation import GPT, HUMAN, get_template
+from bunny.data.images import load_image
 from bunny.data.records import Record, json_kind, load_records
 
 MAX_LISTED_PROBLEMS = 50
@@ -64,8 +70,19 @@ class DataValidationError(ValueError):
         listed = "\n".join(f"  {problem}" for problem in self.problems[:MAX_LISTED_PROBLEMS])
         hidden = len(self.problems) - MAX_LISTED_PROBLEMS
         more = f"\n  ... and {hidden} more problems" if hidden > 0 else ""
-        count = f"{len(self.problems)} problem{'' if len(self.problems) == 1 else 's'}"
-        super().__init__(f"{count} in --data_path {data_path}:\n{listed}{more}")
+        super().__init__(f"{self.headline}:\n{listed}{more}")
+
+    @property
+    def headline(self) -> str:
+        return f"{len(self.problems)} problem{'' if len(self.problems) == 1 else 's'} in --data_path {self.data_path}"
+
+    def as_user_error(self) -> UserError:
+        """The same report for `bunny.cli.run_cli`: the headline, then one line per problem
+        (the first MAX_LISTED_PROBLEMS, and how many more)."""
+        listed = [str(problem) for problem in self.problems[:MAX_LISTED_PROBLEMS]]
+        if len(self.problems) > MAX_LISTED_PROBLEMS:
+            listed.append(f"... and {len(self.problems) - MAX_LISTED_PROBLEMS} more problems")
+        return UserError(self.headline, listed)
 
 
 def _turn_problems(conversations: Any, template_name: str) -> list[str]:
@@ -78,6 +95,10 @@ def _turn_problems(conversations: Any, template_name: str) -> list[str]:
             problems.append(f"turn {index} must be an object with a 'from' and a string 'value'")
             continue
         role, expected = turn.get("from"), HUMAN if index % 2 == 0 else GPT
+        if not turn["value"].strip():
+            kind = "answer" if role == GPT else "question" if role == HUMAN else "turn"
+            problems.append(f"turn {index} ({role!r}) is an empty {kind}: "
+                            + ("it would train only the end-of-text token" if role == GPT else "it asks nothing"))
         if role not in (HUMAN, GPT):
             problems.append(f"turn {index} has unknown role {role!r} (expected 'human' or 'gpt')")
         elif role != expected and not order_reported:
@@ -142,14 +163,14 @@ def _record_problems(record: Any, template_name: str, image_folder: Path | None)
 
 
 def _image_file_problem(path: Path) -> str | None:
-    """Why `path` is not a readable image, or None when PIL opens and verifies it."""
+    """Why `path` is not an image training can use, or None when it decodes completely."""
     if not path.is_file():
         return f"image file {path} not found"
     try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-        return f"image file {path} cannot be read ({type(exc).__name__}: {exc})"
+        load_image(path)
+    except Exception as exc:  # load_image names the file; PIL may raise anything for broken files
+        cause = exc.__cause__ or exc
+        return f"image file {path} cannot be read ({type(cause).__name__}: {cause})"
     return None
 
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bunny.cli import UserError, add_debug_flag, run_cli
 from bunny.fsutil import atomic_output_dir
 from bunny.tiny.data import TinyDataPaths, check_sizes, write_tiny_datasets
 from bunny.tiny.models import save_tiny_llm, save_tiny_vision_tower
@@ -146,13 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-heldout", type=int, default=DEFAULT_N_HELDOUT)
     parser.add_argument("--force", action="store_true", help="replace whatever the folder holds")
     parser.add_argument("--json", action="store_true", help="print the paths as one JSON object")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
+    return run_cli("bunny-tiny", lambda: _build_and_print(args), debug=args.debug)
+
+
+def _build_and_print(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         assets = make_tiny_assets(args.out_dir, seed=args.seed, n_pretrain=args.n_pretrain,
                                   n_finetune=args.n_finetune, n_heldout=args.n_heldout, force=args.force)
-    except (FileExistsError, ValueError) as error:
-        parser.error(str(error))
+    except (FileExistsError, ValueError) as error:  # a folder in the way, sizes out of range
+        raise UserError(str(error)) from error
     paths = {name: str(path) for name, path in asdict(assets).items()}
     if args.json:
         print(json.dumps(paths, indent=2))

@@ -27,8 +27,9 @@ if __package__ in (None, ""):  # run as a file (deepspeed bunny/train/train.py):
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, set_seed
 
-from bunny.conversation import check_template_fits
-from bunny.data import DataCollator, SupervisedDataset, validate_dataset
+from bunny.cli import UserError, run_cli
+from bunny.conversation import TemplateMismatchError, check_template_fits
+from bunny.data import DataCollator, DataValidationError, SupervisedDataset, validate_dataset
 from bunny.model.builder import build_bunny_model
 from bunny.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
 from bunny.train.callbacks import FaultInjectionCallback, ProgressFileCallback, StepTimingCallback
@@ -221,10 +222,36 @@ def write_completion(trainer: BunnyTrainer, output_dir: Path, stage: str, train_
     tmp.replace(output_dir / COMPLETE_FILE)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _check_flags(argv: list[str]) -> None:
+    """Parse the flags once, quietly, so that a bad one is reported as a user error (`train`
+    parses them again: `parse_args` raises plain ValueError/FileNotFoundError, which inside
+    training would be unexpected failures that must keep their traceback)."""
+    logging.disable(logging.WARNING)
+    try:
+        parse_args(argv)
+    except (ValueError, FileNotFoundError) as error:
+        raise UserError(str(error)) from error
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Bad flags and bad data end in one ``train: error: ...`` line (+ one line per data problem)
+    and exit status 2; BUNNY_DEBUG=1 shows their traceback (``--debug`` is a transformers flag)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    train(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+
+    def body() -> None:
+        _check_flags(argv)
+        try:
+            train(argv)
+        except DataValidationError as error:
+            raise error.as_user_error() from error
+        except TemplateMismatchError as error:
+            raise UserError(str(error)) from error
+
+    return run_cli("train", body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
