@@ -35,6 +35,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactUpdate
 from prefect.exceptions import MissingContextError
 
+from bunny.fsutil import format_bytes
 from bunny.train.callbacks import METRICS_FILE, PROGRESS_FILE
 from bunny.train.train import COMPLETE_FILE as TRAINING_COMPLETE_FILE
 from flows.charts import Chart, Line, Panel, Report, auto_smoothing, downsample, line_chart, round_significant
@@ -65,15 +66,6 @@ def folder_stats(path: Path) -> tuple[int, int]:
     return size, files
 
 
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{size} B"
-
-
 def output_summary(output: Path, seconds: float) -> dict[str, Any]:
     """What the summary table and the completion marker record about a finished output."""
     size, files = folder_stats(output)
@@ -97,7 +89,7 @@ def publish_output(stage: str, summary: Mapping[str, Any], skipped: bool) -> Non
         key=artifact_key(stage, "output"),
         description=f"{stage} output ({state})",
     )
-    row = {**summary, "size": human_size(summary["size_bytes"]), "skipped": skipped}
+    row = {**summary, "size": format_bytes(summary["size_bytes"]), "skipped": skipped}
     create_table_artifact(table=[row], key=artifact_key(stage, "summary"), description=f"{stage}: {state}")
 
 

@@ -27,6 +27,7 @@ from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
 import bunny  # noqa: F401  (Auto-class registration)
 from bunny.constants import IMAGE_TOKEN_INDEX
+from bunny.fsutil import format_bytes
 from bunny.merge import MergeError, main, merge_lora
 from bunny.model.builder import build_bunny_model
 from bunny.train.saving import save_lora
@@ -440,21 +441,18 @@ def test_free_space_is_checked_before_loading_and_counts_everything_written(froz
     needed = checked[0]
     assert written <= needed <= written + 256 * 1024  # everything counted, with a small allowance
 
-    real_usage = shutil.disk_usage
-    monkeypatch.setattr(space.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=200_000))
+    monkeypatch.setattr(space, "free_bytes", lambda path: 200_000)
     loads = []
     monkeypatch.setattr("bunny.merge.merger.load_unmerged_model", lambda *a: loads.append(a))
-    with pytest.raises(MergeError, match=rf"--save-model-path {tmp_path / 'small'} needs {space.format_size(needed)} "
-                                         rf"\(weights .* kB, .*\) but {tmp_path} has 200 kB free"):
+    with pytest.raises(MergeError, match=rf"--save-model-path {tmp_path / 'small'} needs {format_bytes(needed)} "
+                                         rf"\(weights .* KB, .*\) but {tmp_path} has 200.0 KB free"):
         merge_lora(frozen_run.folder, tiny_assets.llm, tmp_path / "small")
     assert loads == [] and not (tmp_path / "small").exists()
 
 
 def test_sizes_read_in_human_units():
-    from bunny.merge.space import format_size
-
-    assert [format_size(n) for n in (0, 812, 18_600, 512_000_000, 7_642_000_000, 150_300_000_000)] == [
-        "0 bytes", "812 bytes", "18.6 kB", "512 MB", "7.64 GB", "150 GB"]
+    assert [format_bytes(n) for n in (0, 812, 18_600, 512_000_000, 7_642_000_000, 150_300_000_000)] == [
+        "0 B", "812 B", "18.6 KB", "512.0 MB", "7.64 GB", "150.30 GB"]
 
 
 class _FullDisk:
@@ -481,7 +479,7 @@ def test_a_full_disk_mid_write_is_one_clear_error(frozen_run, tiny_assets, tmp_p
 
     monkeypatch.setattr(shards, "open", lambda path, mode: _FullDisk(path, room=50_000), raising=False)
     out = tmp_path / "merged"
-    with pytest.raises(MergeError, match=rf"disk full while writing --save-model-path {out}: it needs .* kB \(weights") as caught:
+    with pytest.raises(MergeError, match=rf"disk full while writing --save-model-path {out}: it needs .* KB \(weights") as caught:
         merge_lora(frozen_run.folder, tiny_assets.llm, out)
     assert "was free when the merge started" in str(caught.value) and "partial output was removed" in str(caught.value)
     assert "(write)" in str(caught.value.__cause__)  # the write's error, not the clean-up's

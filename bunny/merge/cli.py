@@ -17,7 +17,7 @@ from bunny.cli import add_debug_flag, run_cli
 from bunny.merge.assemble import MERGE_METHODS
 from bunny.merge.inputs import DTYPES
 from bunny.merge.merger import merge_lora
-from bunny.merge.space import format_size
+from bunny.fsutil import format_bytes
 from bunny.model.families import FAMILIES
 
 
@@ -71,7 +71,7 @@ def _merge(args: argparse.Namespace) -> int:
     )
     tower = "trained, from the run" if result.tower_trained else "frozen, from its original folder"
     print(
-        f"wrote {result.output_dir}: {result.num_tensors} tensors, {format_size(result.total_size)} "
+        f"wrote {result.output_dir}: {result.num_tensors} tensors, {format_bytes(result.total_size)} "
         f"{str(result.dtype).removeprefix('torch.')} in {len(result.shard_files)} shard(s) (vision tower {tower}), "
         f"{time.perf_counter() - started:.1f} s"
     )

@@ -32,7 +32,8 @@ from bunny.merge.inputs import (
 )
 from bunny.merge.shards import sharded_size, write_sharded
 from bunny.model.compat import save_config
-from bunny.merge.space import check_free_space, format_size, free_bytes, is_disk_full
+from bunny.fsutil import format_bytes, free_bytes, is_disk_full
+from bunny.merge.space import check_free_space
 
 logger = logging.getLogger("bunny.merge")
 
@@ -113,8 +114,8 @@ def merge_lora(
         if not is_disk_full(exc):
             raise
         raise MergeError(
-            f"disk full while writing --save-model-path {output}: it needs {format_size(needed)} ({what}); "
-            f"{format_size(free)} was free when the merge started, {format_size(free_bytes(output))} now. "
+            f"disk full while writing --save-model-path {output}: it needs {format_bytes(needed)} ({what}); "
+            f"{format_bytes(free)} was free when the merge started, {format_bytes(free_bytes(output))} now. "
             "The partial output was removed."
         ) from exc
     return MergeResult(output, shard_files, num_tensors, total_size, out_dtype, weights.tower_trained)
@@ -135,7 +136,7 @@ def output_size(
         if path.is_file() and path.name.startswith(PROCESSOR_FILE_PREFIXES)
     }
     other = NON_WEIGHT_ALLOWANCE + 2 * sum(path.stat().st_size for path in copied)
-    return weight_bytes + other, f"weights {format_size(weight_bytes)}, configs, tokenizer and processor {format_size(other)}"
+    return weight_bytes + other, f"weights {format_bytes(weight_bytes)}, configs, tokenizer and processor {format_bytes(other)}"
 
 
 # Files that tokenizer.save_pretrained / image_processor.save_pretrained write.
