@@ -84,11 +84,12 @@ def _quiet_console() -> None:
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    header = ("stage", "status", "time", "loss", "output")
+    header = ("stage", "status", "attempts", "time", "loss", "output")
     table = [header] + [
         (
             r["stage"],
             r["status"],
+            str(r["attempts"]) if r.get("attempts") is not None else "-",
             f"{r['seconds']:.0f} s" if r.get("seconds") is not None else "-",
             f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "-",
             r["output"],

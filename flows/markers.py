@@ -137,13 +137,16 @@ def begin_attempt(stage_dir: StageDir, key: str, flow_run_id: str, force: bool) 
 
 
 def mark_complete(stage_dir: StageDir, key: str, flow_run_id: str, summary: Mapping[str, Any]) -> None:
-    """Write the complete-marker: the last write of a stage, after its output is whole."""
+    """Write the complete-marker: the last write of a stage, after its output is whole.
+    It keeps the started-marker's count of the attempts that built this output."""
+    started = read_json(stage_dir.started_marker) or {}
     write_json_atomic(
         stage_dir.complete_marker,
         {
             "stage": stage_dir.name,
             "key": key,
             "flow_run_id": flow_run_id,
+            "attempts": int(started.get("attempts", 1)),
             "completed_at": time.time(),
             "output": str(stage_dir.output),
             "summary": dict(summary),

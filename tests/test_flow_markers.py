@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from flows.config import PipelineConfig, StageData
+from flows.config import PipelineConfig, RecipeOverrides, StageData
 from flows.markers import StageDir, begin_attempt, completion, mark_complete, read_json, stage_key
 from flows.stages import pending_stages, pipeline_jobs, planned_inputs, with_force
 
@@ -107,7 +107,7 @@ def test_changed_hyperparameters_make_a_stage_and_its_dependents_stale(tmp_path)
     )
     complete_everything(pipeline_jobs(config, {}))
     changed = config.model_copy(update={"recipes": [
-        config.recipes[0].model_copy(update={"overrides": {"learning_rate": 1e-4}}), config.recipes[1]]})
+        config.recipes[0].model_copy(update={"overrides": RecipeOverrides(learning_rate=1e-4)}), config.recipes[1]]})
     assert pending_stages(pipeline_jobs(changed, {}), "run-2") == ["recipe-1", "merge-recipe-1", "average"]
     relaunched = config.model_copy(update={"runtime": config.runtime.model_copy(update={"kill_grace_seconds": 1})})
     assert pending_stages(pipeline_jobs(relaunched, {}), "run-2") == []  # launch settings are not in the key

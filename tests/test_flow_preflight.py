@@ -35,7 +35,7 @@ def test_all_problems_come_together(tiny_assets, tmp_path):
     config = PipelineConfig.demo(tiny_assets, tmp_path / "out")
     recipe_2 = config.recipes[1].model_copy(update={
         "data": StageData(data_path=broken_data, image_folder=images),
-        "overrides": {**config.recipes[1].overrides, "deepspeed": str(tmp_path / "zero9.json")},
+        "overrides": config.recipes[1].overrides.model_copy(update={"deepspeed": str(tmp_path / "zero9.json")}),
     })
     config = config.model_copy(update={
         "llm": tmp_path / "no-llm",
