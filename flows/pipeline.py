@@ -28,10 +28,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import publish_pipeline_summary
 from flows.config import MergeAverageConfig, PipelineConfig, StageName
+from flows.cpu_ops import ensure_cpu_comm_op
 from flows.gpus import GpuPlanError, Placement, plan_placements, visible_gpus
 from flows.launcher import allow_launches, stop_all
 from flows.markers import read_json
-from flows.stages import StageJob, merge_average_jobs, pending_stages, pipeline_jobs, with_force
+from flows.stages import StageJob, TrainJob, merge_average_jobs, pending_stages, pipeline_jobs, with_force
 from flows.tasks import EVENT, NOT_RUN, preflight_stage, submit_stage
 
 MAX_PARALLEL_TASKS = 64
@@ -135,6 +136,8 @@ def _run_stages(config: PipelineConfig | MergeAverageConfig, jobs: Mapping[str, 
         "stages: %s; to run: %s", ", ".join(jobs), ", ".join(pending) or "none (all complete)", extra=EVENT
     )
     preflight_stage(config, pending)
+    if any(isinstance(jobs[name], TrainJob) for name in pending) and not visible_gpus():
+        ensure_cpu_comm_op(lambda message: get_run_logger().info("%s", message, extra=EVENT))
     return _finish(jobs, _submit(jobs))
 
 

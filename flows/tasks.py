@@ -46,6 +46,7 @@ EVENT = {"bunny_event": True}  # marks the one-line stage reports (the demo prin
 PREFLIGHT_PROGRESS_EVERY = 30.0  # seconds between preflight progress log lines
 PREFLIGHT_ARTIFACT_FROM = 10_000  # checks (records + images) from which a progress artifact is shown
 NOT_RUN = "NotRun"  # final state name of a stage whose upstream stage did not complete
+PROGRESS_LINE_SECONDS = 15.0  # at most one console line per running training stage this often
 
 
 def _flow_run_id() -> str:
@@ -122,6 +123,26 @@ def _launch(job: StageJob, command: list[str], env: dict[str, str], logger: Logg
     ).seconds
 
 
+class ProgressLines:
+    """Keeps a training stage's progress artifact current and, every `every` seconds, says
+    where it is on the console: `recipe-1: step 5 / 12, 40 s` (or `starting, 40 s` until the
+    trainer's first step)."""
+
+    def __init__(self, stage: str, progress: TrainingProgress, logger: LoggerLike,
+                 every: float = PROGRESS_LINE_SECONDS) -> None:
+        self.stage, self.progress, self.logger, self.every = stage, progress, logger, every
+        self.started = self.last_line = time.monotonic()
+
+    def __call__(self) -> None:
+        self.progress.update()
+        now = time.monotonic()
+        if now - self.last_line < self.every:
+            return
+        self.last_line = now
+        where = "step {} / {}".format(*self.progress.last) if self.progress.last else "starting"
+        self.logger.info("%s: %s, %.0f s", self.stage, where, now - self.started, extra=EVENT)
+
+
 def _waiting(job: StageJob, logger: LoggerLike) -> Callable[[], None]:
     devices = ",".join(map(str, job.placement.devices))
     return lambda: logger.info("%s: waiting for GPUs %s (another stage is using them)", job.stage, devices)
@@ -135,7 +156,8 @@ def train_stage(job: TrainJob, upstream: UpstreamFutures) -> Path | State:
         with DEVICE_LOCKS.hold(job.placement.devices, _waiting(job, logger)):
             progress = TrainingProgress(job.stage, job.dir.output)
             with PORTS.reserve(job.placement.preferred_port) as port:
-                seconds = _launch(job, job.command(inputs, port), job.environment(), logger, progress.update)
+                seconds = _launch(job, job.command(inputs, port), job.environment(), logger,
+                                  ProgressLines(job.stage, progress, logger))
         complete = read_json(job.dir.output / TRAINING_COMPLETE_FILE)
         if complete is None:
             raise RuntimeError(f"{job.stage}: train.py exited cleanly without writing {TRAINING_COMPLETE_FILE}")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT = 180.0
@@ -143,7 +146,7 @@ def _run_in_terminal(command: list[str], env: dict, cwd: Path, timeout: float) -
 
 
 @pytest.mark.slow
-def test_documented_deploy_command_asks_nothing_in_a_terminal(server_env):
+def test_documented_deploy_command_asks_nothing_in_a_terminal(server_env, tmp_path):
     _prefect(server_env, "work-pool", "create", "bunny-gpu", "--type", "process")
     code, output = _run_in_terminal(
         [sys.executable, "-m", "prefect", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"],
@@ -153,6 +156,28 @@ def test_documented_deploy_command_asks_nothing_in_a_terminal(server_env):
     assert "[y/n]" not in output.lower() and "would you like" not in output.lower(), output
     for name in ("bunny-pipeline/bunny-v1-4b", "bunny-merge-average/merge-and-average"):
         assert "'bunny-gpu'" in _prefect(server_env, "deployment", "inspect", name), name
+
+    # deployments/README.md's re-run commands (the runs stay scheduled: no worker serves this pool)
+    default_config = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["deployments"][0]["parameters"]["config"]
+    created = _prefect(server_env, "deployment", "run", "bunny-pipeline/bunny-v1-4b", "--param", 'force=["recipe-2"]')
+    first = _flow_run_parameters(server_env, created)
+    assert first == {"force": ["recipe-2"], "config": default_config}
+    if shutil.which("jq") is None:
+        return  # the second command needs jq
+    run_id = re.search(r"UUID: (\S+)", created).group(1)
+    script = (f"prefect flow-run inspect {run_id} --output json "
+              "| jq '{config: .parameters.config, force: [\"recipe-2\", \"average\"]}' > rerun.json && "
+              "prefect deployment run 'bunny-pipeline/bunny-v1-4b' --params \"$(cat rerun.json)\"")
+    rerun = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=server_env, capture_output=True, text=True,
+                           timeout=600, stdin=subprocess.DEVNULL)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert _flow_run_parameters(server_env, rerun.stdout) == {"force": ["recipe-2", "average"], "config": default_config}
+
+
+def _flow_run_parameters(env: dict, run_output: str) -> dict:
+    """The parameters of the flow run whose creation `prefect deployment run` printed."""
+    run_id = re.search(r"UUID: (\S+)", run_output).group(1)
+    return json.loads(_prefect(env, "flow-run", "inspect", run_id, "--output", "json"))["parameters"]
 
 
 LONG_CHILD_FLOW = """
