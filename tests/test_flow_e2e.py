@@ -34,7 +34,7 @@ STAGES = (*TRAINING, "merge-recipe-1", "merge-recipe-2", "average")
 def harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=600)  # minutes on a busy machine:
+    with prefect_test_harness(server_startup_timeout=600):  # minutes on a busy machine
         yield
 
 

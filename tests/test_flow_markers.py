@@ -18,7 +18,7 @@ def make_output(stage_dir: StageDir, files: dict[str, str]) -> None:
         path.write_text(text)
 
 
-def test_key_follows_settings_and_input_contents_not_time(tmp_path):
+def test_key_follows_settings_and_input_names_sizes_and_mtimes(tmp_path):
     upstream = tmp_path / "up"
     upstream.mkdir()
     (upstream / "w.bin").write_text("a")
@@ -28,6 +28,24 @@ def test_key_follows_settings_and_input_contents_not_time(tmp_path):
     assert key != stage_key("other", {"lr": 1e-3}, {"up": upstream})
     (upstream / "w.bin").write_text("bb")  # the upstream stage ran again
     assert key != stage_key("s", {"lr": 1e-3}, {"up": upstream})
+    (upstream / "w.bin").rename(upstream / "x.bin")
+    assert key != stage_key("s", {"lr": 1e-3}, {"up": upstream})
+
+
+def test_key_reads_no_file_contents_only_their_stat(tmp_path):
+    """What the key does not see, by design (stat only, so two million images cost no reads):
+    an edit that keeps the size and restores the mtime. A bare `touch` is seen."""
+    upstream = tmp_path / "up"
+    upstream.mkdir()
+    weights = upstream / "w.bin"
+    weights.write_text("a")
+    key = stage_key("s", {}, {"up": upstream})
+    before = weights.stat()
+    weights.write_text("b")  # same size, other contents
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert stage_key("s", {}, {"up": upstream}) == key
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))  # touch
+    assert stage_key("s", {}, {"up": upstream}) != key
 
 
 def test_completion_needs_the_same_key_and_the_output(tmp_path):
