@@ -17,7 +17,6 @@ import atexit
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from flows.launcher import SUPERVISOR, kill_group
 
 DEFAULT_WORKDIR = Path("bunny-demo")
 UI_START_TIMEOUT = 120.0
@@ -66,7 +67,9 @@ class TemporaryServer:
 
     Used instead of Prefect's own temporary server, whose start gives up after 20 s on a busy
     machine (printing a traceback while the server process lives on), can race other processes
-    for its port, and is left running if the interpreter exits abruptly.
+    for its port, and is left running if the interpreter exits abruptly. This one runs under
+    the stages' supervisor (`flows.supervisor`), so it goes down with the demo however the
+    demo ends (SIGTERM, SIGKILL, Ctrl-C).
     """
 
     def __init__(self, log_path: Path) -> None:
@@ -80,11 +83,12 @@ class TemporaryServer:
         self.api_url = f"http://127.0.0.1:{port}/api"
         env = {**os.environ, "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         env.pop("PREFECT_API_URL", None)
+        server = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        supervised = [sys.executable, str(SUPERVISOR), "--grace", "5", "--parent-pid", str(os.getpid()), "--", *server]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-            )
+            # stdin: a pipe only this process writes to; its end tells the supervisor we are gone
+            self.process = subprocess.Popen(supervised, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.PIPE, env=env, start_new_session=True)
         atexit.register(self.stop)
 
     def wait_healthy(self) -> None:
@@ -106,14 +110,12 @@ class TemporaryServer:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # the supervisor stops the server's whole process group
             try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=10)
+                self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                kill_group(self.process.pid)
                 self.process.wait()
-            except ProcessLookupError:
-                pass
         self.process = None
 
 
