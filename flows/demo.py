@@ -188,7 +188,18 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, workdir, output_root, started, server)
     finally:
         if server is not None:
+            _send_queued_logs_and_events()  # while the server is up
             server.stop()
+
+
+def _send_queued_logs_and_events() -> None:
+    """Prefect sends logs and events in the background; what is still queued at exit would be
+    sent to a server already stopped ("Error logging to API")."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=60)
+    EventsWorker.drain_all(timeout=60)
 
 
 def _run(args: argparse.Namespace, workdir: Path, output_root: Path, started: float,
