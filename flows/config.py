@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 if TYPE_CHECKING:
     from bunny.tiny import TinyAssets
 
 STAGE_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"  # also valid in Prefect artifact keys
 SHIPPED_DEEPSPEED_CONFIGS = ("zero2", "zero3")
+# a flow's `force` parameter: names of stages to run again (checked against the config's stages)
+StageName = Annotated[str, Field(pattern=STAGE_NAME_PATTERN, max_length=48, examples=["recipe-2"])]
 # flags the pipeline fills in from paths; hyperparameters may not set them
 PATH_FLAGS = (
     "model_name_or_path",
@@ -45,10 +47,88 @@ def format_flag_value(value: bool | int | float | str | Path) -> str:
     return str(value)
 
 
+# Descriptions of the fields that do not carry their own (`Field(description=...)`), by name;
+# the `train.py` flags say what the tutorial's flag does. Shown in Prefect's run form.
+FIELD_DESCRIPTIONS = {
+    "model_type": "LLM family (--model_type): phi-3, llama3-8b, qwen2",
+    "mm_projector_type": "projector between the vision tower and the LLM: linear, mlp<N>x_gelu, identity",
+    "tune_mm_mlp_adapter": "train only the projector (the pretrain stage)",
+    "lora_enable": "train LoRA adapters on every linear layer of the LLM",
+    "lora_r": "LoRA rank",
+    "lora_alpha": "LoRA alpha (scale = alpha / r)",
+    "mm_projector_lr": "learning rate of the projector in a LoRA run (default: learning_rate)",
+    "unfreeze_vision_tower": "also train the whole vision tower (recipe-2 of Bunny-v1.0-4B)",
+    "image_aspect_ratio": "square: resize; pad: pad to a square with the image mean first",
+    "group_by_modality_length": "batch image and text-only samples separately, by length",
+    "bf16": "bfloat16 mixed precision (ignored with one warning on the CPU)",
+    "num_train_epochs": "passes over the data",
+    "per_device_train_batch_size": "samples per GPU per micro-batch",
+    "per_device_eval_batch_size": "samples per GPU per evaluation batch",
+    "gradient_accumulation_steps": "micro-batches per optimizer step (derived from global_batch_size when that is set)",
+    "evaluation_strategy": "evaluation schedule (the tutorial: no)",
+    "save_strategy": "checkpoint schedule: steps, epoch or no",
+    "save_steps": "optimizer steps between checkpoints (a failed stage resumes from the newest)",
+    "save_total_limit": "checkpoints kept",
+    "learning_rate": "peak learning rate",
+    "weight_decay": "AdamW weight decay",
+    "warmup_ratio": "fraction of the steps spent warming the learning rate up",
+    "lr_scheduler_type": "learning-rate schedule after warm-up",
+    "logging_steps": "optimizer steps between loss log lines (the loss artifact's resolution)",
+    "tf32": "TF32 matmuls on Ampere+ GPUs (ignored with one warning on the CPU)",
+    "model_max_length": "tokens per sample, image tokens included; longer samples are truncated",
+    "gradient_checkpointing": "recompute activations in the backward pass: less memory, ~30% slower",
+    "dataloader_num_workers": "data-loading processes per GPU",
+    "lazy_preprocess": "accepted for the tutorial's commands; data is always read lazily",
+    "report_to": "HF Trainer integrations (none: the pipeline's own artifacts only)",
+    "seed": "random seed (default: the HF Trainer's)",
+    "pretrain": "projector alignment: its data, hyperparameters and launch settings",
+    "recipe_hyperparameters": "hyperparameters shared by every recipe (each recipe's overrides apply on top)",
+    "recipes": "the LoRA recipes, trained in parallel, merged, then averaged with their weights",
+    "postprocess": "LoRA merge and weighted average settings",
+    "gpus": "which GPUs the stages use and the first master port",
+    "retries": "how often and how soon a failed stage is retried (it resumes from its checkpoint)",
+    "preflight": "checks run before any stage starts",
+    "runtime": "stopping, progress and log settings of every stage",
+    "data": "the stage's records and image folder",
+    "data_path": "the records: a JSON list in the Bunny / LLaVA conversation format",
+    "image_folder": "folder the records' image paths are relative to",
+    "hyperparameters": "train.py flags of this stage (the tutorial's values by default)",
+    "launch": "how this stage's processes start (not part of its completion key)",
+    "name": "stage name: lower-case letters, digits and dashes",
+    "timeout_hours": "stop the stage's processes after this many hours (default: no limit)",
+    "env": "extra environment variables of the stage's processes",
+    "max_shard_size": "largest safetensors shard of the merged and averaged models",
+    "delay_seconds": "seconds between a stage's failure and its retry",
+    "progress_interval_seconds": "seconds between updates of a training stage's progress",
+    "output_root": "every stage's folder is created under it",
+    "inputs": "finished LoRA recipe outputs to merge, then average with their weights",
+    "lora_path": "a LoRA recipe's output folder (adapter and non_lora_trainables.bin)",
+    "weight": "weight of this model in the average (the weights sum to 1)",
+}
+
+
+def field_description(model: type[BaseModel], name: str) -> str | None:
+    """The description of `model`'s field `name`: its own, else that of the same field in a
+    base model (a subclass that changes a default loses it), else FIELD_DESCRIPTIONS'."""
+    described = (
+        base.model_fields[name].description
+        for base in model.__mro__
+        if isinstance(base, type) and issubclass(base, BaseModel) and name in base.model_fields
+    )
+    return next((text for text in described if text), None) or FIELD_DESCRIPTIONS.get(name)
+
+
+def _describe_fields(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """Pydantic schema hook: every property of a config model gets its description."""
+    for name, prop in schema.get("properties", {}).items():
+        if not prop.get("description") and (text := field_description(model, name)):
+            prop["description"] = text
+
+
 class Strict(BaseModel):
     """Base of every config model: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_describe_fields)
 
 
 class TrainingHyperparameters(Strict):
@@ -169,6 +249,19 @@ class RecipeHyperparameters(TrainingHyperparameters):
     model_max_length: int = 4096
 
 
+def _recipe_overrides_model() -> type[Strict]:
+    """Every recipe hyperparameter, optional: what a recipe may set differently."""
+    fields: dict[str, Any] = {
+        name: (field.annotation | None, Field(default=None, description=field_description(RecipeHyperparameters, name)))
+        for name, field in RecipeHyperparameters.model_fields.items()
+    }
+    doc = "A recipe's departures from the shared recipe hyperparameters; null fields keep the shared value."
+    return create_model("RecipeOverrides", __base__=Strict, __doc__=doc, **fields)
+
+
+RecipeOverrides = _recipe_overrides_model()
+
+
 class StageData(Strict):
     """A training stage's records and the folder their image paths are relative to."""
 
@@ -215,7 +308,10 @@ class RecipeStage(Strict):
     name: str = Field(pattern=STAGE_NAME_PATTERN, max_length=40)
     data: StageData
     weight: float = Field(ge=0, le=1, description="weight of this recipe's merged model in the average")
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    overrides: RecipeOverrides = Field(  # type: ignore[valid-type]
+        default_factory=RecipeOverrides,
+        description="this recipe's departures from recipe_hyperparameters, e.g. unfreeze_vision_tower: true",
+    )
     launch: LaunchSettings = Field(default_factory=LaunchSettings)
 
 
@@ -321,10 +417,11 @@ class PipelineConfig(Strict):
         """The shared recipe hyperparameters with this recipe's overrides applied (validated)."""
         try:
             return RecipeHyperparameters.model_validate(
-                self.recipe_hyperparameters.model_dump() | recipe.overrides
+                self.recipe_hyperparameters.model_dump() | recipe.overrides.model_dump(exclude_none=True)
             )
         except ValueError as exc:
-            raise ValueError(f"recipe {recipe.name!r}: bad overrides {recipe.overrides}: {exc}") from exc
+            overrides = recipe.overrides.model_dump(exclude_none=True)
+            raise ValueError(f"recipe {recipe.name!r}: bad overrides {overrides}: {exc}") from exc
 
     def recipe(self, name: str) -> RecipeStage:
         for recipe in self.recipes:

@@ -13,19 +13,24 @@ can be browsed) and prints its address.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from flows.launcher import SUPERVISOR, kill_group
+
 DEFAULT_WORKDIR = Path("bunny-demo")
 UI_START_TIMEOUT = 120.0
+SERVER_START_TIMEOUT = 300.0  # a busy machine can take minutes
+SERVER_START_ATTEMPTS = 3
 
 
 def _start_ui(port: int, workdir: Path) -> str:
@@ -56,14 +61,68 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _warm_up_temporary_server() -> threading.Thread:
-    """Start Prefect's temporary server while the assets are built (it takes ~15 s); join the
-    thread before the flow runs."""
-    from prefect.server.api.server import SubprocessASGIServer
+class TemporaryServer:
+    """A Prefect server for this demo run only: on a free port, its output in a log file, and
+    stopped (its whole process group) when the demo exits.
 
-    thread = threading.Thread(target=SubprocessASGIServer().start, name="prefect-server", daemon=True)
-    thread.start()
-    return thread
+    Used instead of Prefect's own temporary server, whose start gives up after 20 s on a busy
+    machine (printing a traceback while the server process lives on), can race other processes
+    for its port, and is left running if the interpreter exits abruptly. This one runs under
+    the stages' supervisor (`flows.supervisor`), so it goes down with the demo however the
+    demo ends (SIGTERM, SIGKILL, Ctrl-C).
+    """
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.api_url = ""
+
+    def start(self) -> None:
+        """Launch the server (returns at once; `wait_healthy` waits for it)."""
+        port = _free_port()
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        env = {**os.environ, "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env.pop("PREFECT_API_URL", None)
+        server = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        supervised = [sys.executable, str(SUPERVISOR), "--grace", "5", "--parent-pid", str(os.getpid()), "--", *server]
+        with open(self.log_path, "ab") as log:
+            # stdin: a pipe only this process writes to; its end tells the supervisor we are gone
+            self.process = subprocess.Popen(supervised, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.PIPE, env=env, start_new_session=True)
+        atexit.register(self.stop)
+
+    def wait_healthy(self) -> None:
+        """Block until the API answers; restart on another port if this one was taken."""
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        for _ in range(SERVER_START_ATTEMPTS):
+            assert self.process is not None
+            while not _healthy(self.api_url.removesuffix("/api")):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            else:
+                return
+            self.stop()
+            if time.monotonic() > deadline:
+                break
+            self.start()  # most likely its port was taken meanwhile
+        raise SystemExit(f"the temporary Prefect server did not start; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # the supervisor stops the server's whole process group
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                kill_group(self.process.pid)
+                self.process.wait()
+        self.process = None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class StageEvents(logging.Filter):
@@ -84,11 +143,12 @@ def _quiet_console() -> None:
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    header = ("stage", "status", "time", "loss", "output")
+    header = ("stage", "status", "attempts", "time", "loss", "output")
     table = [header] + [
         (
             r["stage"],
             r["status"],
+            str(r["attempts"]) if r.get("attempts") is not None else "-",
             f"{r['seconds']:.0f} s" if r.get("seconds") is not None else "-",
             f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "-",
             r["output"],
@@ -118,11 +178,33 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    server_start: threading.Thread | None = None
+    server: TemporaryServer | None = None
     if args.ui:
         os.environ["PREFECT_API_URL"] = _start_ui(args.port, workdir)
     elif not os.environ.get("PREFECT_API_URL"):
-        server_start = _warm_up_temporary_server()
+        server = TemporaryServer(workdir / "prefect-server.log")
+        server.start()  # it starts while the assets are built
+        os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        return _run(args, workdir, output_root, started, server)
+    finally:
+        if server is not None:
+            _send_queued_logs_and_events()  # while the server is up
+            server.stop()
+
+
+def _send_queued_logs_and_events() -> None:
+    """Prefect sends logs and events in the background; what is still queued at exit would be
+    sent to a server already stopped ("Error logging to API")."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=60)
+    EventsWorker.drain_all(timeout=60)
+
+
+def _run(args: argparse.Namespace, workdir: Path, output_root: Path, started: float,
+         server: TemporaryServer | None) -> int:
     _quiet_console()
 
     from bunny.tiny import make_tiny_assets
@@ -132,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Building tiny assets in {workdir / 'assets'} ...", flush=True)
     assets = make_tiny_assets(workdir / "assets")
     config = PipelineConfig.demo(assets, output_root, steps=args.steps)
-    if server_start is not None:
-        server_start.join()  # a flow run must not find the server half started
+    if server is not None:
+        server.wait_healthy()  # a flow run must not find the server half started
     print(f"Running the pipeline into {output_root} (logs: <stage>/logs/) ...", flush=True)
     try:
         rows = bunny_pipeline(config)

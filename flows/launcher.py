@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.supervisor import describe_exit
+
 SUPERVISOR = Path(__file__).with_name("supervisor.py")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TAIL_LINES = 40
@@ -253,7 +255,7 @@ def run_supervised(
         error = StageStopped if reason.startswith(STOP_REASON_PREFIX) else StageTimeout
         raise error(name, f"stopped ({reason.removeprefix(STOP_REASON_PREFIX)})", log_path, launch.tail)
     if code != 0:
-        raise StageProcessError(name, f"exited with code {code}", log_path, launch.tail)
+        raise StageProcessError(name, describe_exit(code), log_path, launch.tail)
     return LaunchResult(log_path, time.monotonic() - started)
 
 

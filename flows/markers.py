@@ -6,7 +6,9 @@ complete, `stage-complete.json`.
 
 A stage is complete when its complete-marker records the stage's current key: a hash of the
 settings that shape its output (training flags, merge and average settings) and of the
-fingerprints (file names, sizes, modification times) of the outputs it reads. Neither the
+fingerprints (file names, sizes, modification times: stat only, contents are never read) of
+the outputs it reads. A rewrite of an input that keeps its size and restores its mtime is not
+seen; a `touch` is. Neither the
 task's source code nor the run id enters the key, so a new run with the same config skips the
 stage; a changed setting, or an upstream stage that was re-run, makes it stale. The started
 marker keeps a crashed or failed attempt's checkpoints usable by the next attempt only when
@@ -137,13 +139,16 @@ def begin_attempt(stage_dir: StageDir, key: str, flow_run_id: str, force: bool) 
 
 
 def mark_complete(stage_dir: StageDir, key: str, flow_run_id: str, summary: Mapping[str, Any]) -> None:
-    """Write the complete-marker: the last write of a stage, after its output is whole."""
+    """Write the complete-marker: the last write of a stage, after its output is whole.
+    It keeps the started-marker's count of the attempts that built this output."""
+    started = read_json(stage_dir.started_marker) or {}
     write_json_atomic(
         stage_dir.complete_marker,
         {
             "stage": stage_dir.name,
             "key": key,
             "flow_run_id": flow_run_id,
+            "attempts": int(started.get("attempts", 1)),
             "completed_at": time.time(),
             "output": str(stage_dir.output),
             "summary": dict(summary),

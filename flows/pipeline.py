@@ -27,18 +27,24 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import publish_pipeline_summary
-from flows.config import MergeAverageConfig, PipelineConfig
+from flows.config import MergeAverageConfig, PipelineConfig, StageName
+from flows.cpu_ops import ensure_cpu_comm_op
 from flows.gpus import GpuPlanError, Placement, plan_placements, visible_gpus
 from flows.launcher import allow_launches, stop_all
 from flows.markers import read_json
-from flows.stages import StageJob, merge_average_jobs, pending_stages, pipeline_jobs, with_force
-from flows.tasks import EVENT, preflight_stage, stage_task
+from flows.stages import StageJob, TrainJob, merge_average_jobs, pending_stages, pipeline_jobs, with_force
+from flows.tasks import EVENT, NOT_RUN, preflight_stage, submit_stage
 
 MAX_PARALLEL_TASKS = 64
 
 
-def _stop_stages_hook(_flow: Any, _flow_run: Any, state: Any) -> None:
-    """on_cancellation / on_crashed: stop every stage process this flow process started."""
+def _stop_stages_hook(flow: Any, flow_run: Any, state: Any) -> None:
+    """on_cancellation / on_crashed: stop every stage process this flow process started.
+
+    The parameter names are part of the contract: the flow engine passes them by position,
+    the worker-side hook runner (`prefect.runner._hook_runner`) by keyword.
+    """
+    del flow, flow_run
     stop_all(f"flow run {state.name.lower()}", wait=True)
 
 
@@ -80,7 +86,7 @@ def _submit(jobs: Mapping[str, StageJob]) -> dict[str, PrefectFuture[Any]]:
     futures: dict[str, PrefectFuture[Any]] = {}
     for name, job in jobs.items():
         upstream = {up: futures[up] for up in job.upstream}
-        futures[name] = stage_task(job).submit(job, upstream)
+        futures[name] = submit_stage(job, upstream)
     return futures
 
 
@@ -96,12 +102,15 @@ def _finish(jobs: Mapping[str, StageJob], futures: Mapping[str, PrefectFuture[An
         summary = (marker or {}).get("summary", {})
         if marker is not None:
             status = "ran" if marker.get("flow_run_id") == run_id else "skipped"
+            attempts = marker.get("attempts")
         else:
-            status = state.name.lower()
+            status = "not run" if state.name == NOT_RUN else state.name.lower()
+            attempts = 0 if status == "not run" else (read_json(jobs[name].dir.started_marker) or {}).get("attempts")
             failed.append(name)
         rows.append({
             "stage": name,
             "status": status,
+            "attempts": attempts,
             "seconds": summary.get("seconds"),
             "steps": summary.get("steps"),
             "final_loss": summary.get("final_loss"),
@@ -127,15 +136,21 @@ def _run_stages(config: PipelineConfig | MergeAverageConfig, jobs: Mapping[str, 
         "stages: %s; to run: %s", ", ".join(jobs), ", ".join(pending) or "none (all complete)", extra=EVENT
     )
     preflight_stage(config, pending)
+    if any(isinstance(jobs[name], TrainJob) for name in pending) and not visible_gpus():
+        ensure_cpu_comm_op(lambda message: get_run_logger().info("%s", message, extra=EVENT))
     return _finish(jobs, _submit(jobs))
 
 
 @flow(name="bunny-pipeline", **STAGE_FLOW_OPTIONS)
-def bunny_pipeline(config: PipelineConfig, force: list[str] | None = None) -> list[dict[str, Any]]:
+def bunny_pipeline(config: PipelineConfig, force: list[StageName] | None = None) -> list[dict[str, Any]]:
     """Bunny's whole training recipe: preflight, pretrain, recipes in parallel, merges, average.
 
-    `force`: stage names (pretrain, recipe names, merge-<recipe>, average) to run again even
-    if complete; the stages that read their outputs then run again too.
+    Args:
+        config: the whole recipe: model and data paths, per-stage hyperparameters (the
+            Bunny-v1.0-4B tutorial's by default), the recipes and their weights, GPUs, retries.
+        force: stages to run again even if complete, among: pretrain, each recipe's name
+            (recipe-1, recipe-2), merge-<recipe name>, average. The stages that read their
+            outputs run again too. Any other name fails the run before a stage starts.
     """
     with stages_stopped_on_exit():
         try:
@@ -146,8 +161,14 @@ def bunny_pipeline(config: PipelineConfig, force: list[str] | None = None) -> li
 
 
 @flow(name="bunny-merge-average", **STAGE_FLOW_OPTIONS)
-def merge_and_average(config: MergeAverageConfig, force: list[str] | None = None) -> list[dict[str, Any]]:
-    """Merge existing LoRA recipe outputs into the base LLM, then average them."""
+def merge_and_average(config: MergeAverageConfig, force: list[StageName] | None = None) -> list[dict[str, Any]]:
+    """Merge existing LoRA recipe outputs into the base LLM, then average them.
+
+    Args:
+        config: the base LLM, the LoRA recipe outputs with their weights, merge settings.
+        force: stages to run again even if complete, among: merge-<input name>, average. Any
+            other name fails the run before a stage starts.
+    """
     with stages_stopped_on_exit():
         gpus = visible_gpus()
         placement = (

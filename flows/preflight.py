@@ -79,15 +79,17 @@ def _data_problems(
 ) -> list[str]:
     from bunny.data import load_records, validate_records
 
+    problems: list[str] = []
     if not image_folder.is_dir():
-        return [f"--image_folder {image_folder}: no such folder"]
+        problems.append(f"--image_folder {image_folder}: no such folder")
+        check_images = False  # every image would be reported missing; the records still get checked
     try:
         records = load_records(data_path)
     except (OSError, ValueError) as exc:
-        return [str(exc)]
+        return problems + [str(exc)]
     report = (lambda done, total: progress(str(data_path), done, total)) if progress else None
-    problems = validate_records(records, data_path, image_folder, template, check_images, workers, report)
-    return [str(p) for p in problems]
+    found = validate_records(records, data_path, image_folder, template, check_images, workers, report)
+    return problems + [str(p) for p in found]
 
 
 def _deepspeed_problems(stage: str, value: str) -> list[str]:
@@ -141,10 +143,22 @@ def expected_output_bytes(config: PipelineConfig, stages: Collection[str]) -> in
     return total
 
 
+def _existing_ancestor(path: Path) -> Path:
+    """`path` itself if it exists, else the nearest folder above it that does."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _writable_problems(root: Path) -> list[str]:
+    """Whether `root` can be written, or created, without creating anything (a failed
+    preflight leaves no trace): a temporary file in it, or in the folder it would go under."""
+    existing = _existing_ancestor(root)
+    if not existing.is_dir():
+        return [f"output_root {root}: {existing} is not a folder"]
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".preflight-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".preflight-"):
             pass
     except OSError as exc:
         return [f"output_root {root} is not writable ({exc})"]
@@ -156,7 +170,7 @@ def _output_root_problems(config: PipelineConfig, stages: Collection[str]) -> li
     problems = _writable_problems(root)
     if problems:
         return problems
-    free = shutil.disk_usage(root).free
+    free = shutil.disk_usage(_existing_ancestor(root)).free
     min_free_gb = config.preflight.min_free_gb
     needed = int(min_free_gb * 1e9) if min_free_gb is not None else expected_output_bytes(config, stages)
     if free < needed:
@@ -186,7 +200,7 @@ def run_preflight(
             "deepspeed is installed",
             [] if importlib.util.find_spec("deepspeed") else ["deepspeed is not importable"],
         )
-    checked: set[tuple[Path, Path, str]] = set()
+    readers: dict[tuple[Path, Path, str], list[str]] = {}  # each data set is checked once, for all its stages
     for stage in training:
         if stage == PRETRAIN:
             data, hp = config.pretrain.data, config.pretrain.hyperparameters
@@ -194,15 +208,14 @@ def run_preflight(
             recipe = config.recipe(stage)
             data, hp = recipe.data, config.recipe_settings(recipe)
         report.check(f"{stage}: DeepSpeed config {hp.deepspeed} parses", _deepspeed_problems(stage, hp.deepspeed))
-        key = (data.data_path, data.image_folder, hp.version)
-        if key not in checked:
-            checked.add(key)
-            what = "records and images" if config.preflight.check_images else "records"
-            report.check(
-                f"{stage}: {what} of {data.data_path} ({hp.version} template)",
-                _data_problems(data.data_path, data.image_folder, hp.version,
-                               config.preflight.check_images, config.preflight.workers, progress),
-            )
+        readers.setdefault((data.data_path, data.image_folder, hp.version), []).append(stage)
+    what = "records and images" if config.preflight.check_images else "records"
+    for (data_path, image_folder, template), readers_of in readers.items():
+        stages_label = ", ".join(readers_of)
+        problems = _data_problems(data_path, image_folder, template, config.preflight.check_images,
+                                  config.preflight.workers, progress)
+        report.check(f"{stages_label}: {what} of {data_path} ({template} template)",
+                     [f"{stages_label}: {problem}" for problem in problems])
     hostfiles = [(PRETRAIN, config.pretrain.launch.hostfile)] + [(r.name, r.launch.hostfile) for r in config.recipes]
     report.check(
         "hostfiles exist",

@@ -12,14 +12,16 @@ then stops the stage's processes.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
-from prefect.states import Cancelling
+from prefect.states import Cancelling, State
 
 from flows.launcher import stopping
 from flows.stages import StageJob
@@ -33,11 +35,17 @@ class RemoteStageError(RuntimeError):
 
 
 @task(name="remote-stage", task_run_name="{job.stage}", cache_policy=NO_CACHE)
-def remote_stage(job: StageJob, upstream: dict[str, Path]) -> Path:
+def remote_stage(job: StageJob, upstream: Mapping[str, PrefectFuture[Path]]) -> Path | State:
     """Run `job` through the per-stage deployment of its work pool and wait for it.
     `upstream` only orders it after the stages whose outputs it reads (shared storage)."""
+    from flows.tasks import EVENT, wait_for_upstream  # flows.tasks dispatches to this task
+
     assert job.remote is not None
     logger = get_run_logger()
+    waited = wait_for_upstream(job, upstream)
+    if isinstance(waited, State):
+        logger.info("%s", waited.message, extra=EVENT)
+        return waited
     target = job.remote
     try:
         child = run_deployment(

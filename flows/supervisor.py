@@ -63,6 +63,34 @@ def kill_others(pgid: int, sig: int) -> int:
     return count
 
 
+def exit_signal(code: int) -> signal.Signals | None:
+    """The signal an exit status most likely stands for: -N (Popen), 128 + N (a shell, or this
+    supervisor) or 256 - N (deepspeed's launcher exits with its killed rank's -N)."""
+    if code < 0:
+        number = -code
+    elif 128 < code <= 128 + 64:
+        number = code - 128
+    elif 256 - 64 <= code < 256:
+        number = 256 - code
+    else:
+        return None
+    try:
+        return signal.Signals(number)
+    except ValueError:
+        return None
+
+
+def describe_exit(code: int) -> str:
+    """`exited with code 247: killed by SIGKILL (signal 9): likely out of memory`."""
+    text = f"exited with code {code}"
+    sig = exit_signal(code)
+    if sig is not None:
+        text += f": killed by {sig.name} (signal {sig.value})"
+        if sig is signal.SIGKILL:
+            text += ": likely out of memory (the kernel's OOM killer), or killed by hand"
+    return text
+
+
 def say(message: str) -> None:
     """A line in the stage's log; never fails (the reader may be gone with the flow)."""
     try:
@@ -118,6 +146,8 @@ class Supervisor:
             while time.monotonic() < deadline and any(p != os.getpid() for p in group_members(self.pgid)):
                 time.sleep(POLL_SECONDS)
         kill_others(self.pgid, signal.SIGKILL)
+        if code != 0 and not self.stopping.is_set():
+            say(f"the command {describe_exit(code)}")
         return code if code >= 0 else 128 - code
 
 

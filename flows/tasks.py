@@ -18,7 +18,12 @@ from uuid import UUID
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State, TaskRunResult
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
+from prefect.states import Cancelled
+from prefect.utilities.annotations import quote
 
 from bunny.train.train import find_resume_checkpoint
 from flows.artifacts import (
@@ -43,21 +48,46 @@ from flows.stages import AverageJob, MergeJob, StageJob, TrainJob
 EVENT = {"bunny_event": True}  # marks the one-line stage reports (the demo prints only these)
 PREFLIGHT_PROGRESS_EVERY = 30.0  # seconds between preflight progress log lines
 PREFLIGHT_ARTIFACT_FROM = 10_000  # checks (records + images) from which a progress artifact is shown
+NOT_RUN = "NotRun"  # final state name of a stage whose upstream stage did not complete
+PROGRESS_LINE_SECONDS = 15.0  # at most one console line per running training stage this often
 
 
 def _flow_run_id() -> str:
     return str(flow_run.id or "local")
 
 
+UpstreamFutures = Mapping[str, PrefectFuture[Path]]
+
+
+def wait_for_upstream(job: StageJob, upstream: UpstreamFutures) -> dict[str, Path] | State:
+    """Wait for the upstream stages; their outputs, or the `NotRun` state if one did not complete.
+
+    The stage waits for them itself (they are passed `quote`d) so that it always ends in a
+    final state: Prefect's own dependency resolution leaves a task whose upstream failed in
+    `Pending(NotReady)` forever, and names it after its stage only once it starts.
+    """
+    outputs: dict[str, Path] = {}
+    for name, future in upstream.items():
+        future.wait()
+        if not future.state.is_completed():
+            return Cancelled(name=NOT_RUN, message=f"{job.stage}: not run: {name} did not complete")
+        outputs[name] = future.result()
+    return outputs
+
+
 def _run_stage(
     job: StageJob,
-    upstream: Mapping[str, Path],
+    upstream: UpstreamFutures,
     resumable: bool,
     body: Callable[[dict[str, Path], LoggerLike], float],
-) -> Path:
+) -> Path | State:
     """Skip if complete; else prepare the folder, run `body` (returns seconds), mark complete."""
     logger = get_run_logger()
-    inputs = {**job.external_inputs, **upstream}
+    upstream_outputs = wait_for_upstream(job, upstream)
+    if isinstance(upstream_outputs, State):
+        logger.info("%s", upstream_outputs.message, extra=EVENT)
+        return upstream_outputs
+    inputs = {**job.external_inputs, **upstream_outputs}
     run_id = job.run_id or _flow_run_id()
     done = job.completion(inputs, run_id)
     if done is not None:
@@ -96,6 +126,26 @@ def _launch(job: StageJob, command: list[str], env: dict[str, str], logger: Logg
     ).seconds
 
 
+class ProgressLines:
+    """Keeps a training stage's progress artifact current and, every `every` seconds, says
+    where it is on the console: `recipe-1: step 5 / 12, 40 s` (or `starting, 40 s` until the
+    trainer's first step)."""
+
+    def __init__(self, stage: str, progress: TrainingProgress, logger: LoggerLike,
+                 every: float = PROGRESS_LINE_SECONDS) -> None:
+        self.stage, self.progress, self.logger, self.every = stage, progress, logger, every
+        self.started = self.last_line = time.monotonic()
+
+    def __call__(self) -> None:
+        self.progress.update()
+        now = time.monotonic()
+        if now - self.last_line < self.every:
+            return
+        self.last_line = now
+        where = "step {} / {}".format(*self.progress.last) if self.progress.last else "starting"
+        self.logger.info("%s: %s, %.0f s", self.stage, where, now - self.started, extra=EVENT)
+
+
 def _waiting(job: StageJob, logger: LoggerLike) -> Callable[[], None]:
     slots = ", ".join(job.placement.gpu_slots())
     return lambda: logger.info("%s: waiting for GPU slots %s (another stage or flow run holds them)",
@@ -108,16 +158,17 @@ def _port_collision(job: StageJob, logger: LoggerLike) -> Callable[[int], None]:
 
 
 @task(name="train", task_run_name="{job.stage}", cache_policy=NO_CACHE)
-def train_stage(job: TrainJob, upstream: dict[str, Path]) -> Path:
+def train_stage(job: TrainJob, upstream: UpstreamFutures) -> Path | State:
     """One deepspeed training run; resumes from its newest checkpoint after a failure."""
 
     def body(inputs: dict[str, Path], logger: LoggerLike) -> float:
         with hold_gpu_slots(job.placement.gpu_slots(), _waiting(job, logger)):
             progress = TrainingProgress(job.stage, job.dir.output)
             log = job.dir.next_log()  # a relaunch on another port appends to the same attempt's log
+            lines = ProgressLines(job.stage, progress, logger)
             seconds = run_on_free_port(
                 HOST_PORTS, job.placement.preferred_port,
-                lambda port: _launch(job, job.command(inputs, port), job.environment(), logger, progress.update, log),
+                lambda port: _launch(job, job.command(inputs, port), job.environment(), logger, lines, log),
                 _port_collision(job, logger),
             )
         complete = read_json(job.dir.output / TRAINING_COMPLETE_FILE)
@@ -131,7 +182,7 @@ def train_stage(job: TrainJob, upstream: dict[str, Path]) -> Path:
 
 
 @task(name="merge", task_run_name="{job.stage}", cache_policy=NO_CACHE)
-def merge_stage(job: MergeJob, upstream: dict[str, Path]) -> Path:
+def merge_stage(job: MergeJob, upstream: UpstreamFutures) -> Path | State:
     """LoRA + base LLM -> full model folder, on the recipe's own GPUs."""
 
     def body(inputs: dict[str, Path], logger: LoggerLike) -> float:
@@ -142,7 +193,7 @@ def merge_stage(job: MergeJob, upstream: dict[str, Path]) -> Path:
 
 
 @task(name="average", task_run_name="{job.stage}", cache_policy=NO_CACHE)
-def average_stage(job: AverageJob, upstream: dict[str, Path]) -> Path:
+def average_stage(job: AverageJob, upstream: UpstreamFutures) -> Path | State:
     """Weighted average of the merged models; config and tokenizer from `inherit_from`."""
 
     def body(inputs: dict[str, Path], logger: LoggerLike) -> float:
@@ -174,7 +225,7 @@ class PreflightProgress:
                 update_progress_artifact(self.artifacts[what], percent)
 
 
-@task(name="preflight", cache_policy=NO_CACHE)
+@task(name="preflight", task_run_name="preflight", cache_policy=NO_CACHE)
 def preflight_stage(config: PipelineConfig | MergeAverageConfig, stages: list[str]) -> list[str]:
     """Check what `stages` need before any of them starts; all problems in one error."""
     logger = get_run_logger()
@@ -199,13 +250,26 @@ def _retry_unless_stopping(_task: Any, _task_run: Any, _state: Any) -> bool:
 
 
 def stage_task(job: StageJob) -> Any:
-    """The task for `job`, with its retry settings (a stage on another work pool: the task
-    that runs it there, whose flow run retries it)."""
+    """The task for `job`, named after its stage (so is its task run from its creation on),
+    with its retry settings (a stage on another work pool: the task that runs it there, whose
+    flow run retries it)."""
     if job.remote is not None:
-        return remote_stage.with_options(retry_condition_fn=_retry_unless_stopping)
+        return remote_stage.with_options(
+            name=job.stage, task_run_name=job.stage, retry_condition_fn=_retry_unless_stopping
+        )
     return STAGE_TASKS[type(job)].with_options(
+        name=job.stage,
+        task_run_name=job.stage,
         retries=job.retries.retries,
         retry_delay_seconds=job.retries.delay_seconds,
         retry_condition_fn=_retry_unless_stopping,
     )
+
+
+def submit_stage(job: StageJob, upstream: UpstreamFutures) -> PrefectFuture[Path]:
+    """Submit `job`'s task; it waits for `upstream` itself (see `wait_for_upstream`), and the
+    run graph still draws an edge from each upstream stage."""
+    runner = FlowRunContext.get().task_runner
+    edges = {"upstream": {TaskRunResult(id=future.task_run_id) for future in upstream.values()}}
+    return runner.submit(stage_task(job), {"job": job, "upstream": quote(dict(upstream))}, dependencies=edges)
 

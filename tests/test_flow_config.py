@@ -93,7 +93,8 @@ def test_recipe_overrides_apply_to_that_recipe_only(tmp_path):
     [
         (lambda c: c.update(recipes=[{**c["recipes"][0], "weight": 0.5}, c["recipes"][1]]), "sum to 1.2"),
         (lambda c: c.update(recipes=[c["recipes"][0], {**c["recipes"][1], "name": "recipe-1"}]), "unique"),
-        (lambda c: c["recipes"][1].update(overrides={"lora_rank": 8}), "recipe 'recipe-2': bad overrides"),
+        (lambda c: c["recipes"][1].update(overrides={"lora_rank": 8}), "recipes.1.overrides.lora_rank"),
+        (lambda c: c["recipes"][1].update(overrides={"lora_r": "eight"}), "recipes.1.overrides.lora_r"),
         (lambda c: c["recipes"][1].update(name="Recipe 2"), "name"),
         (lambda c: c["recipes"][1].update(name="average"), "clash with stage names"),
         (lambda c: c.update(recipes=[]), "at least 1"),
@@ -133,7 +134,7 @@ def test_demo_config_is_small_and_cpu_friendly(tiny_assets, tmp_path):
     config = PipelineConfig.demo(tiny_assets, tmp_path, steps=9)
     for hp in [config.pretrain.hyperparameters, *map(config.recipe_settings, config.recipes)]:
         assert hp.max_steps == 9 and hp.save_steps == 3 and not hp.bf16 and not hp.tf32
-    assert config.recipes[1].overrides == {"unfreeze_vision_tower": True}
+    assert config.recipes[1].overrides.model_dump(exclude_none=True) == {"unfreeze_vision_tower": True}
 
 
 def test_global_batch_is_kept_when_the_gpu_count_changes(tmp_path):
@@ -154,3 +155,56 @@ def test_global_batch_is_kept_when_the_gpu_count_changes(tmp_path):
         accumulation("recipe-1", (0, 1, 2))
     hyper = config.recipe_settings(config.recipes[0]).model_copy(update={"global_batch_size": None})
     assert hyper.accumulation_steps(3) == 4  # not set: the configured value
+
+
+def undescribed_fields(schema: dict, definitions: dict, path: str, seen: frozenset = frozenset()) -> list[str]:
+    """Paths of the properties, at any depth, that the run form would show without a description."""
+    if "$ref" in schema:
+        name = schema["$ref"].split("/")[-1]
+        return [] if name in seen else undescribed_fields(definitions[name], definitions, path, seen | {name})
+    missing = []
+    for sub in schema.get("allOf", []) + schema.get("anyOf", []):
+        missing += undescribed_fields(sub, definitions, path, seen)
+    if "items" in schema:
+        missing += undescribed_fields(schema["items"], definitions, f"{path}[]", seen)
+    for name, prop in schema.get("properties", {}).items():
+        if not prop.get("description"):
+            missing.append(f"{path}.{name}")
+        missing += undescribed_fields(prop, definitions, f"{path}.{name}", seen)
+    return missing
+
+
+@pytest.mark.parametrize("flow_name", ["bunny_pipeline", "merge_and_average"])
+def test_every_field_of_the_run_form_is_described(flow_name):
+    import flows.pipeline
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(getattr(flows.pipeline, flow_name)).model_dump_for_openapi()
+    assert undescribed_fields(schema, schema.get("definitions", {}), "") == []
+    force = schema["properties"]["force"]
+    assert "average" in force["description"] and "merge-" in force["description"]
+    assert any(option.get("items", {}).get("pattern") for option in force["anyOf"])  # not any string
+
+
+def test_subclass_defaults_keep_their_descriptions():
+    schema = RecipeHyperparameters.model_json_schema()["properties"]
+    assert "shipped name" in schema["deepspeed"]["description"]
+    assert "across all GPUs" in schema["global_batch_size"]["description"]
+    assert schema["version"]["description"] == "conversation template"
+
+
+def test_overrides_are_typed_and_round_trip(tmp_path):
+    config = tutorial_config(tmp_path)
+    overrides = RecipeStage.model_json_schema()["$defs"]["RecipeOverrides"]["properties"]
+    assert overrides["learning_rate"]["anyOf"][0]["type"] == "number" and "learning rate" in overrides["learning_rate"]["description"]
+    again = PipelineConfig.model_validate_json(config.model_dump_json())  # what a deployment stores and sends
+    assert [again.recipe_settings(r) for r in again.recipes] == [config.recipe_settings(r) for r in config.recipes]
+
+
+def test_force_refuses_what_is_not_a_stage_name(tmp_path):
+    from flows.pipeline import bunny_pipeline
+
+    config = tutorial_config(tmp_path).model_dump(mode="json")
+    assert bunny_pipeline.validate_parameters({"config": config, "force": ["recipe-2"]})["force"] == ["recipe-2"]
+    with pytest.raises(Exception, match="force"):
+        bunny_pipeline.validate_parameters({"config": config, "force": ["Recipe 2"]})

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from flows.config import PipelineConfig, StageData
+from flows.config import PipelineConfig, RecipeOverrides, StageData
 from flows.markers import StageDir, begin_attempt, completion, mark_complete, read_json, stage_key
 from flows.stages import pending_stages, pipeline_jobs, planned_inputs, with_force
 
@@ -18,7 +18,7 @@ def make_output(stage_dir: StageDir, files: dict[str, str]) -> None:
         path.write_text(text)
 
 
-def test_key_follows_settings_and_input_contents_not_time(tmp_path):
+def test_key_follows_settings_and_input_names_sizes_and_mtimes(tmp_path):
     upstream = tmp_path / "up"
     upstream.mkdir()
     (upstream / "w.bin").write_text("a")
@@ -28,6 +28,24 @@ def test_key_follows_settings_and_input_contents_not_time(tmp_path):
     assert key != stage_key("other", {"lr": 1e-3}, {"up": upstream})
     (upstream / "w.bin").write_text("bb")  # the upstream stage ran again
     assert key != stage_key("s", {"lr": 1e-3}, {"up": upstream})
+    (upstream / "w.bin").rename(upstream / "x.bin")
+    assert key != stage_key("s", {"lr": 1e-3}, {"up": upstream})
+
+
+def test_key_reads_no_file_contents_only_their_stat(tmp_path):
+    """What the key does not see, by design (stat only, so two million images cost no reads):
+    an edit that keeps the size and restores the mtime. A bare `touch` is seen."""
+    upstream = tmp_path / "up"
+    upstream.mkdir()
+    weights = upstream / "w.bin"
+    weights.write_text("a")
+    key = stage_key("s", {}, {"up": upstream})
+    before = weights.stat()
+    weights.write_text("b")  # same size, other contents
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert stage_key("s", {}, {"up": upstream}) == key
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))  # touch
+    assert stage_key("s", {}, {"up": upstream}) != key
 
 
 def test_completion_needs_the_same_key_and_the_output(tmp_path):
@@ -107,7 +125,7 @@ def test_changed_hyperparameters_make_a_stage_and_its_dependents_stale(tmp_path)
     )
     complete_everything(pipeline_jobs(config, {}))
     changed = config.model_copy(update={"recipes": [
-        config.recipes[0].model_copy(update={"overrides": {"learning_rate": 1e-4}}), config.recipes[1]]})
+        config.recipes[0].model_copy(update={"overrides": RecipeOverrides(learning_rate=1e-4)}), config.recipes[1]]})
     assert pending_stages(pipeline_jobs(changed, {}), "run-2") == ["recipe-1", "merge-recipe-1", "average"]
     relaunched = config.model_copy(update={"runtime": config.runtime.model_copy(update={"kill_grace_seconds": 1})})
     assert pending_stages(pipeline_jobs(relaunched, {}), "run-2") == []  # launch settings are not in the key

@@ -35,7 +35,7 @@ def test_all_problems_come_together(tiny_assets, tmp_path):
     config = PipelineConfig.demo(tiny_assets, tmp_path / "out")
     recipe_2 = config.recipes[1].model_copy(update={
         "data": StageData(data_path=broken_data, image_folder=images),
-        "overrides": {**config.recipes[1].overrides, "deepspeed": str(tmp_path / "zero9.json")},
+        "overrides": config.recipes[1].overrides.model_copy(update={"deepspeed": str(tmp_path / "zero9.json")}),
     })
     config = config.model_copy(update={
         "llm": tmp_path / "no-llm",
@@ -65,7 +65,47 @@ def test_only_what_the_pending_stages_need_is_checked(tiny_assets, tmp_path):
     assert run_preflight(broken, ["average"], visible_gpus=[]).problems == []
     assert run_preflight(broken, [], visible_gpus=[]).passed == []
     problems = run_preflight(broken, ["pretrain"], visible_gpus=[]).problems
-    assert problems == [f"--data_path {tmp_path / 'gone.json'}: no such file"]
+    assert problems == [f"pretrain: --data_path {tmp_path / 'gone.json'}: no such file"]
+
+
+def test_a_missing_image_folder_does_not_hide_a_missing_data_file(tiny_assets, tmp_path):
+    config = PipelineConfig.demo(tiny_assets, tmp_path / "out")
+    gone = StageData(data_path=tmp_path / "gone.json", image_folder=tmp_path / "no-images")
+    broken = config.model_copy(update={"recipes": [r.model_copy(update={"data": gone}) for r in config.recipes]})
+    problems = run_preflight(broken, ["recipe-1", "recipe-2"], visible_gpus=[]).problems
+    assert problems == [  # both problems, once, naming every stage that reads the data
+        f"recipe-1, recipe-2: --image_folder {tmp_path / 'no-images'}: no such folder",
+        f"recipe-1, recipe-2: --data_path {tmp_path / 'gone.json'}: no such file",
+    ]
+
+
+def test_records_are_checked_when_the_image_folder_is_missing(tiny_assets, tmp_path):
+    records = json.loads(tiny_assets.pretrain_data.read_text())
+    records[0]["conversations"] = []
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(records))
+    config = PipelineConfig.demo(tiny_assets, tmp_path / "out")
+    broken = config.model_copy(update={"pretrain": config.pretrain.model_copy(
+        update={"data": StageData(data_path=data, image_folder=tmp_path / "no-images")})})
+    problems = run_preflight(broken, ["pretrain"], visible_gpus=[]).problems
+    assert problems[0] == f"pretrain: --image_folder {tmp_path / 'no-images'}: no such folder"
+    assert len(problems) == 2 and f"record '{records[0]['id']}'" in problems[1]  # not one per image
+
+
+def test_a_failed_preflight_creates_nothing(tiny_assets, tmp_path):
+    config = PipelineConfig.demo(tiny_assets, tmp_path / "runs" / "out")
+    broken = config.model_copy(update={"llm": tmp_path / "no-llm"})
+    report = run_preflight(broken, ALL_STAGES, visible_gpus=[])
+    assert report.problems and any("writable" in check for check in report.passed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # not even the output root
+
+
+def test_an_unwritable_output_root_is_reported(tiny_assets, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = PipelineConfig.demo(tiny_assets, blocker / "out")
+    problems = run_preflight(config, ["average"], visible_gpus=[]).problems
+    assert problems == [f"output_root {blocker / 'out'}: {blocker} is not a folder"]
 
 
 def test_space_estimate_counts_an_unfrozen_tower(tiny_assets, tmp_path):
