@@ -523,6 +523,11 @@ class MergeInput(Strict):
     name: str = Field(pattern=STAGE_NAME_PATTERN, max_length=40)
     lora_path: Path
     weight: float = Field(ge=0, le=1)
+    vision_tower: Path | None = Field(
+        default=None,
+        description="the vision tower's folder, when the run's recorded mm_vision_tower is not a local "
+        "folder (the original Bunny's runs may name a hub id or a relative path): passed as --vision-tower",
+    )
 
 
 class MergeAverageConfig(Strict):

@@ -229,7 +229,7 @@ def _run(args: argparse.Namespace, workdir: Path, output_root: Path, started: fl
     print(f"\nAveraged model: {output_root / 'average' / 'output'}")
     print(f"Logs:           {output_root}/<stage>/logs/attempt-N.log")
     where = "in the UI above" if args.ui else "run `prefect server start`, then http://127.0.0.1:4200"
-    print(f"Artifacts:      <stage>-output, -summary, -progress, -loss, preflight-report, "
+    print(f"Artifacts:      <stage>-output, -summary, -progress, -loss, -loss-table, preflight-report, "
           f"pipeline-summary ({where}; or `prefect artifact ls`)")
     return 0
 

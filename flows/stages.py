@@ -136,9 +136,11 @@ class MergeJob(StageJob):
 
     model_base: Path
     model_type: str
+    vision_tower: Path | None = None
 
     def settings(self, inputs: Mapping[str, Path]) -> dict[str, Any]:
-        return {"model_base": str(self.model_base), "model_type": self.model_type}
+        tower = {"vision_tower": str(self.vision_tower)} if self.vision_tower else {}
+        return {"model_base": str(self.model_base), "model_type": self.model_type, **tower}
 
     def command(self, inputs: Mapping[str, Path]) -> list[str]:
         (lora_output,) = inputs.values()
@@ -148,6 +150,7 @@ class MergeJob(StageJob):
             "--model-base", str(self.model_base),
             "--model-type", self.model_type,
             "--save-model-path", str(self.dir.output),
+            *(["--vision-tower", str(self.vision_tower)] if self.vision_tower else []),
         ]
 
     def environment(self) -> dict[str, str]:
@@ -293,7 +296,8 @@ def merge_average_jobs(config: MergeAverageConfig, placement: Placement) -> dict
         name = merge_stage_name(item.name)
         jobs[name] = MergeJob(
             stage=name, stage_dir=root / name, placement=placement,
-            external_inputs={item.name: item.lora_path}, model_base=config.llm, model_type=config.model_type, **common,
+            external_inputs={item.name: item.lora_path}, model_base=config.llm, model_type=config.model_type,
+            vision_tower=item.vision_tower, **common,
         )
     if len(config.inputs) > 1:
         inherit = post.inherit_config_from or config.inputs[-1].name

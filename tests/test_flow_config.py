@@ -208,3 +208,25 @@ def test_force_refuses_what_is_not_a_stage_name(tmp_path):
     assert bunny_pipeline.validate_parameters({"config": config, "force": ["recipe-2"]})["force"] == ["recipe-2"]
     with pytest.raises(Exception, match="force"):
         bunny_pipeline.validate_parameters({"config": config, "force": ["Recipe 2"]})
+
+
+def test_merge_input_vision_tower_reaches_the_merge_command_and_its_key(tmp_path):
+    """An original-Bunny run whose mm_vision_tower is not a local folder merges with --vision-tower."""
+    from flows.config import MergeAverageConfig, MergeInput
+    from flows.gpus import Placement
+    from flows.stages import merge_average_jobs
+
+    def merge_job(**extra):
+        config = MergeAverageConfig(
+            output_root=tmp_path / "out", llm=tmp_path / "llm",
+            inputs=[MergeInput(name="recipe-1", lora_path=tmp_path / "lora", weight=1.0, **extra)],
+        )
+        return merge_average_jobs(config, Placement())["merge-recipe-1"]
+
+    plain, with_tower = merge_job(), merge_job(vision_tower=tmp_path / "siglip")
+    (tmp_path / "lora").mkdir()
+    inputs = {"recipe-1": tmp_path / "lora"}
+    assert "--vision-tower" not in plain.command(inputs)
+    command = with_tower.command(inputs)
+    assert command[command.index("--vision-tower") + 1] == str(tmp_path / "siglip")
+    assert plain.key(inputs) != with_tower.key(inputs)

@@ -154,6 +154,8 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Training
         get_family(model_args.model_type)
         model_args.version = "plain" if model_args.tune_mm_mlp_adapter else default_template(model_args.model_type)
     check_flag_set(argv, model_args, data_args, train_args)
+    if not torch.cuda.is_available():
+        train_args.dataloader_pin_memory = False  # nothing to pin for; torch warns at every epoch otherwise
     return model_args, data_args, train_args
 
 
