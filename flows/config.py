@@ -50,7 +50,7 @@ def format_flag_value(value: bool | int | float | str | Path) -> str:
 # Descriptions of the fields that do not carry their own (`Field(description=...)`), by name;
 # the `train.py` flags say what the tutorial's flag does. Shown in Prefect's run form.
 FIELD_DESCRIPTIONS = {
-    "model_type": "LLM family (--model_type): phi-3, llama3-8b, qwen2",
+    "model_type": "LLM family (--model_type): phi-3, llama, qwen2",
     "mm_projector_type": "projector between the vision tower and the LLM: linear, mlp<N>x_gelu, identity",
     "tune_mm_mlp_adapter": "train only the projector (the pretrain stage)",
     "lora_enable": "train LoRA adapters on every linear layer of the LLM",
@@ -201,6 +201,12 @@ class TrainingHyperparameters(Strict):
             )
         return self.global_batch_size // per_step
 
+    def template(self) -> str:
+        """The conversation template: `version`, or the LLM family's own when unset."""
+        from bunny.conversation import default_template  # imports transformers: only when needed
+
+        return self.version or default_template(self.model_type)
+
     def to_argv(self, world_size: int | None = None) -> list[str]:
         """`--flag value` pairs in field order, None fields omitted, extra_flags last.
         `world_size`: the stage's GPU count, for `global_batch_size`."""
@@ -209,6 +215,8 @@ class TrainingHyperparameters(Strict):
             value = getattr(self, name)
             if name == "gradient_accumulation_steps":
                 value = self.accumulation_steps(world_size)
+            if name == "version":
+                value = self.template()
             if name in ("extra_flags", "global_batch_size") or value is None:
                 continue
             argv += [f"--{name}", format_flag_value(value)]
@@ -239,7 +247,11 @@ class RecipeHyperparameters(TrainingHyperparameters):
     lora_alpha: int | None = 256
     mm_projector_lr: float | None = 2e-5
     deepspeed: str = "zero3"
-    version: str = "phi3"
+    version: str | None = Field(
+        default=None,
+        description="conversation template (--version); default: the LLM family's own "
+        "(phi3 for phi-3, llama3 for llama, qwen2 for qwen2)",
+    )
     image_aspect_ratio: Literal["square", "pad"] = "pad"
     group_by_modality_length: bool | None = False
     global_batch_size: int | None = 128  # the tutorial's 8 GPUs x 4 x 4

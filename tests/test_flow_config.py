@@ -190,7 +190,7 @@ def test_subclass_defaults_keep_their_descriptions():
     schema = RecipeHyperparameters.model_json_schema()["properties"]
     assert "shipped name" in schema["deepspeed"]["description"]
     assert "across all GPUs" in schema["global_batch_size"]["description"]
-    assert schema["version"]["description"] == "conversation template"
+    assert schema["version"]["description"].startswith("conversation template")
 
 
 def test_overrides_are_typed_and_round_trip(tmp_path):
@@ -230,3 +230,15 @@ def test_merge_input_vision_tower_reaches_the_merge_command_and_its_key(tmp_path
     command = with_tower.command(inputs)
     assert command[command.index("--vision-tower") + 1] == str(tmp_path / "siglip")
     assert plain.key(inputs) != with_tower.key(inputs)
+
+
+@pytest.mark.parametrize("model_type, template", [("phi-3", "phi3"), ("llama", "llama3"), ("qwen2", "qwen2")])
+def test_recipe_template_defaults_to_the_family_and_an_explicit_one_wins(model_type, template):
+    from flows.config import RecipeHyperparameters
+
+    def version_flag(**fields):
+        argv = RecipeHyperparameters(model_type=model_type, **fields).to_argv()
+        return argv[argv.index("--version") + 1]
+
+    assert version_flag() == template
+    assert version_flag(version="llama2") == "llama2"
