@@ -168,7 +168,8 @@ def test_a_record_with_no_answer_is_named(tiny_assets, tmp_path):
     ids = json.loads(path.read_text())
     assert str(caught.value) == f"2 problem(s) in held-out data {path}"
     assert f"record {ids[1]['id']!r} (#1): no answer" in caught.value.problems[0]
-    assert f"record {ids[2]['id']!r} (#2)" in caught.value.problems[1] and "no gpt answer" in caught.value.problems[1]
+    # the validation names the record and the missing gpt turn (here: a human turn where it belongs)
+    assert f"record {ids[2]['id']!r} (#2)" in caught.value.problems[1] and "expected 'gpt'" in caught.value.problems[1]
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(model_folder, tiny_assets, tmp_path, capsys):
