@@ -73,6 +73,27 @@ def _config_problems(folder: Path, what: str) -> list[str]:
     return []
 
 
+def _template_problems(llm: Path, templates: Collection[str]) -> list[str]:
+    """A chat template whose stop string the LLM's tokenizer cannot emit as one stop token
+    would train answers that never end (see `bunny.conversation.check_template_fits`)."""
+    from transformers import AutoTokenizer
+
+    from bunny.conversation import check_template_fits
+    from bunny.train.train import generation_stop_ids
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(llm))
+    except Exception as exc:  # transformers raises OSError, ValueError, ...
+        return [f"llm {llm}: tokenizer does not load ({type(exc).__name__}: {exc})"]
+    problems = []
+    for template in templates:
+        try:
+            check_template_fits(template, tokenizer, generation_stop_ids(llm))
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems
+
+
 def _data_problems(
     data_path: Path, image_folder: Path, template: str, check_images: bool, workers: int,
     progress: Progress | None,
@@ -208,7 +229,11 @@ def run_preflight(
             recipe = config.recipe(stage)
             data, hp = recipe.data, config.recipe_settings(recipe)
         report.check(f"{stage}: DeepSpeed config {hp.deepspeed} parses", _deepspeed_problems(stage, hp.deepspeed))
-        readers.setdefault((data.data_path, data.image_folder, hp.version), []).append(stage)
+        readers.setdefault((data.data_path, data.image_folder, hp.template()), []).append(stage)
+    templates = sorted({template for _, _, template in readers})
+    if templates and config.llm.is_dir():
+        report.check(f"templates {', '.join(templates)} fit the tokenizer of {config.llm}",
+                     _template_problems(config.llm, templates))
     what = "records and images" if config.preflight.check_images else "records"
     for (data_path, image_folder, template), readers_of in readers.items():
         stages_label = ", ".join(readers_of)

@@ -118,3 +118,13 @@ def test_space_estimate_counts_an_unfrozen_tower(tiny_assets, tmp_path):
     assert 3 * 2 * params < models < 3 * 2 * params * 1.5  # three 16-bit models (+ the projector)
     assert expected_output_bytes(config, ALL_STAGES) == (
         expected_output_bytes(config, ["pretrain"]) + recipe_1 + recipe_2 + models)
+
+
+def test_a_template_whose_stop_string_the_tokenizer_cannot_emit_is_refused(tiny_assets, tmp_path):
+    """llama3's stop string is not a token of the tiny Phi-3 tokenizer."""
+    config = PipelineConfig.demo(tiny_assets, tmp_path / "out")
+    wrong = config.model_copy(update={"recipe_hyperparameters": config.recipe_hyperparameters.model_copy(
+        update={"version": "llama3"})})
+    problems = run_preflight(wrong, ALL_STAGES, visible_gpus=[]).problems
+    assert any("--version 'llama3'" in p and "is not one token of this tokenizer" in p for p in problems), problems
+    assert not any("--version" in p for p in run_preflight(config, ALL_STAGES, visible_gpus=[]).problems)
