@@ -58,10 +58,13 @@ def evaluation_rows(job: EvaluateJob) -> list[dict[str, Any]]:
 
 
 def results_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The comparison as markdown: losses at 4 significant digits, shares in percent."""
+    """The comparison as markdown: losses to 4 decimals (as `bunny.evaluate` prints them),
+    shares in percent."""
 
     def shown(row: Mapping[str, Any]) -> dict[str, Any]:
         cells = {k: round_significant(v) for k, v in row.items()}
+        if isinstance(row.get("answer loss"), (int, float)):
+            cells["answer loss"] = f"{row['answer loss']:.4f}"
         for share in ("accuracy", "empty answers"):
             if isinstance(row.get(share), (int, float)):
                 cells[share] = f"{100 * row[share]:.1f}%"
@@ -146,8 +149,8 @@ def search_chart(job: SearchAverageJob, result: Mapping[str, Any]) -> Chart:
     if result["method"] == "grid":
         points = sorted((c["weights"][0], c["loss"]) for c in curve)
         return line_chart(
-            Panel([Line("validation answer loss", [p[0] for p in points], [p[1] for p in points])],
-                  "validation answer loss"),
+            Panel([Line("validation answer loss", [p[0] for p in points], [p[1] for p in points]),
+                   Line("chosen", [result["weights"][0]], [result["loss"]])], "validation answer loss"),
             title=f"averaging weight search: chosen {_weights(result['weights'])}",
             x_label=f"weight of {job.names[0]} (the rest: {job.names[1]})",
         )

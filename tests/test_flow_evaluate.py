@@ -16,8 +16,17 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from flows.config import AverageSettings, EvalSet, EvaluateSettings, PipelineConfig
+from flows.config import AverageSettings, EvalSet, EvaluateSettings, GpuSettings, PipelineConfig
 from flows.stages import AVERAGE, EVALUATE, AverageJob, EvaluateJob, SearchAverageJob, pipeline_jobs
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
 
 MODELS = ["pretrain", "merge-recipe-1", "merge-recipe-2", "average"]
 
@@ -148,7 +157,7 @@ def test_results_rows_name_models_by_stage(tmp_path):
         ("test", "pretrain", 5.25, 0.0625), ("test", "average", 1.5, 0.75)]
     table = results_table(rows).splitlines()
     assert table[0] == "| eval set | model | answer loss | accuracy | empty answers | records | tokens |"
-    assert table[2] == "| test | pretrain | 5.25 | 6.2% | 50.0% | 16 | 90 |"
+    assert table[2] == "| test | pretrain | 5.2500 | 6.2% | 50.0% | 16 | 90 |"
 
 
 def test_preflight_checks_the_eval_sets_of_the_stages_to_run(tiny_assets, tmp_path):
@@ -175,6 +184,8 @@ def evaluated_run(tiny_assets, tmp_path_factory):
     from flows.pipeline import bunny_pipeline
 
     config = evaluated_config(tiny_assets, tmp_path_factory.mktemp("evaluate"), search=True, steps=2)
+    # a free master port: other test sessions on the machine hold deepspeed's default one
+    config = config.model_copy(update={"gpus": GpuSettings(master_port=free_port())})
     with prefect_test_harness(server_startup_timeout=120):
         first = bunny_pipeline(config)
         marker = (config.output_root / EVALUATE / "stage-complete.json").read_text()
