@@ -134,8 +134,8 @@ def _run_stages(config: PipelineConfig | MergeAverageConfig, jobs: Mapping[str, 
 def bunny_pipeline(config: PipelineConfig, force: list[str] | None = None) -> list[dict[str, Any]]:
     """Bunny's whole training recipe: preflight, pretrain, recipes in parallel, merges, average.
 
-    `force`: stage names (pretrain, recipe names, merge-<recipe>, average) to run again even
-    if complete; the stages that read their outputs then run again too.
+    `force`: stage names (pretrain, recipe names, merge-<recipe>, average, evaluate) to run
+    again even if complete; the stages that read their outputs then run again too.
     """
     with stages_stopped_on_exit():
         try:

@@ -281,9 +281,9 @@ class EvaluateJob(StageJob):
 
 def evaluation_placement(config: PipelineConfig, placements: Mapping[str, Placement]) -> Placement:
     """Evaluation and the weight search run after every training stage: on the first recipe's
-    first GPU (or its CPU threads)."""
+    first GPU, or on every CPU core."""
     first = placements.get(config.recipes[0].name, Placement())
-    return Placement(devices=first.devices[:1], cpu_threads=first.cpu_threads)
+    return Placement(devices=first.devices[:1])
 
 
 def search_average_job(config: PipelineConfig, fixed: AverageJob, placement: Placement) -> SearchAverageJob:
