@@ -27,6 +27,7 @@ from typing import Any
 
 DEFAULT_WORKDIR = Path("bunny-demo")
 UI_START_TIMEOUT = 120.0
+DEMO_ANSWER_TOKENS = 16  # greedy answers are cut here: generation is most of the evaluation's time
 
 
 def _start_ui(port: int, workdir: Path) -> str:
@@ -133,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Building tiny assets in {workdir / 'assets'} ...", flush=True)
     assets = make_tiny_assets(workdir / "assets")
     config = PipelineConfig.demo(assets, output_root, steps=args.steps)
-    if not config.eval_sets:  # judge every model on the tiny held-out questions
+    if not config.eval_sets:  # judge every model on the tiny held-out questions (one- or two-word answers)
         heldout = EvalSet(name="heldout", data_path=assets.heldout_data, image_folder=assets.finetune_images)
-        config = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"sets": [heldout]})})
+        evaluate = config.evaluate.model_copy(update={"sets": [heldout], "max_new_tokens": DEMO_ANSWER_TOKENS})
+        config = config.model_copy(update={"evaluate": evaluate})
     if server_start is not None:
         server_start.join()  # a flow run must not find the server half started
     print(f"Running the pipeline into {output_root} (logs: <stage>/logs/) ...", flush=True)
