@@ -368,6 +368,48 @@ class PreflightSettings(Strict):
     )
 
 
+class EvalSet(Strict):
+    """A held-out Bunny-format file scored by the evaluate stage (or, as `average.validation`,
+    the one the averaging weights are chosen on)."""
+
+    name: str = Field(pattern=STAGE_NAME_PATTERN, max_length=40, description="its name in the tables")
+    data_path: Path
+    image_folder: Path
+
+
+class EvaluateSettings(Strict):
+    """The evaluate stage: every model of the pipeline (pretrain-only, each merged recipe, the
+    average) scored on each of `sets` by `python -m bunny.evaluate`. No sets: no stage."""
+
+    sets: list[EvalSet] = Field(default_factory=list, description="held-out (test) sets; none: no evaluate stage")
+    accuracy: bool = Field(default=True, description="greedy answers and their accuracy (off: answer loss only)")
+    batch_size: int = Field(default=8, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1, description="greedy answer length limit")
+    version: str = Field(default="phi3", description="conversation template of the prompts")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    timeout_hours: float | None = Field(default=None, gt=0)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class AverageSettings(Strict):
+    """How the average's weights are chosen: `fixed` (each recipe's `weight`, the tutorial's
+    0.3 / 0.7) or `search` (on `validation`: a weight grid for two recipes, greedy soup for more)."""
+
+    weights: Literal["fixed", "search"] = "fixed"
+    validation: EvalSet | None = Field(default=None, description="the split `search` scores (never a test set)")
+    grid: list[float] | None = Field(
+        default=None, description="first recipe's weights to try (default: bunny.evaluate.search's 0, 0.1, ..., 1)"
+    )
+
+    @model_validator(mode="after")
+    def _search_needs_validation(self) -> AverageSettings:
+        if self.weights == "search" and self.validation is None:
+            raise ValueError("average.weights 'search' needs average.validation (a validation split)")
+        if self.grid is not None and (not self.grid or any(not 0 <= w <= 1 for w in self.grid)):
+            raise ValueError(f"average.grid must be weights in [0, 1], got {self.grid}")
+        return self
+
+
 class RuntimeSettings(Strict):
     kill_grace_seconds: float = Field(
         default=30.0, ge=0, description="SIGTERM to SIGKILL delay when a stage is stopped"
@@ -412,18 +454,43 @@ class PipelineConfig(Strict):
     retries: RetrySettings = Field(default_factory=RetrySettings)
     preflight: PreflightSettings = Field(default_factory=PreflightSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    average: AverageSettings = Field(default_factory=AverageSettings)
 
     @model_validator(mode="after")
     def _check_recipes(self) -> PipelineConfig:
         names = [recipe.name for recipe in self.recipes]
         check_weighted_names("recipe", names, [r.weight for r in self.recipes], self.postprocess)
-        reserved = {"pretrain", "average", "preflight"} | {f"merge-{n}" for n in names}
+        reserved = {"pretrain", "average", "preflight", "evaluate"} | {f"merge-{n}" for n in names}
         clashing = sorted(set(names) & reserved)
         if clashing:
             raise ValueError(f"recipe names {clashing} clash with stage names")
         for recipe in self.recipes:
             self.recipe_settings(recipe)  # overrides must validate
+        self._check_evaluation()
         return self
+
+    def _check_evaluation(self) -> None:
+        """Eval set names unique; a weight search has recipes to weigh and never sees a test set."""
+        sets = self.eval_sets
+        names = [s.name for s in sets]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"evaluate.sets / average.validation names must be unique, repeated: {repeated}")
+        validation = self.average.validation
+        if self.average.weights == "search" and validation is not None:
+            if len(self.recipes) < 2:
+                raise ValueError("average.weights 'search' needs at least two recipes")
+            tests = {s.data_path.absolute() for s in self.evaluate.sets}
+            if validation.data_path.absolute() in tests:
+                raise ValueError(f"average.validation {validation.data_path} is also an evaluate set: the weight "
+                                 "search must not see a test split")
+
+    @property
+    def eval_sets(self) -> list[EvalSet]:
+        """What the evaluate stage scores: each test set, then the search's validation split."""
+        searched = self.average.validation if self.average.weights == "search" else None
+        return [*self.evaluate.sets, *([searched] if searched is not None else [])]
 
     def recipe_settings(self, recipe: RecipeStage) -> RecipeHyperparameters:
         """The shared recipe hyperparameters with this recipe's overrides applied (validated)."""

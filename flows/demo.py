@@ -1,9 +1,10 @@
 """`python -m flows.demo [--ui] [--workdir DIR]`: the whole pipeline on the CPU, from nothing.
 
 Builds the tiny assets (`bunny.tiny`), then runs every stage of `bunny_pipeline` — preflight,
-pretrain, both recipes in parallel, both merges, the average — through real deepspeed launches
-under Prefect's temporary local server (no set-up). It prints one line per stage as it ends
-and, at the end, a stage table and where the averaged model, the logs and the artifacts are.
+pretrain, both recipes in parallel, both merges, the average, the evaluation of every model on
+the held-out questions — through real deepspeed launches under Prefect's temporary local server
+(no set-up). It prints one line per stage as it ends and, at the end, a stage table, the
+evaluation table and where the averaged model, the logs and the artifacts are.
 Run it again with the same workdir and every stage is skipped; `--fresh` starts over.
 
 `--ui` starts a local Prefect server with its UI instead (left running afterwards, so the run
@@ -31,6 +32,7 @@ DEFAULT_WORKDIR = Path("bunny-demo")
 UI_START_TIMEOUT = 120.0
 SERVER_START_TIMEOUT = 300.0  # a busy machine can take minutes
 SERVER_START_ATTEMPTS = 3
+DEMO_ANSWER_TOKENS = 16  # greedy answers are cut here: generation is most of the evaluation's time
 
 
 def _start_ui(port: int, workdir: Path) -> str:
@@ -208,12 +210,17 @@ def _run(args: argparse.Namespace, workdir: Path, output_root: Path, started: fl
     _quiet_console()
 
     from bunny.tiny import make_tiny_assets
-    from flows.config import PipelineConfig
+    from flows.config import EvalSet, PipelineConfig
+    from flows.evaluation import RESULTS_TABLE, read_results, results_table
     from flows.pipeline import bunny_pipeline
 
     print(f"Building tiny assets in {workdir / 'assets'} ...", flush=True)
     assets = make_tiny_assets(workdir / "assets")
     config = PipelineConfig.demo(assets, output_root, steps=args.steps)
+    if not config.eval_sets:  # judge every model on the tiny held-out questions (one- or two-word answers)
+        heldout = EvalSet(name="heldout", data_path=assets.heldout_data, image_folder=assets.finetune_images)
+        evaluate = config.evaluate.model_copy(update={"sets": [heldout], "max_new_tokens": DEMO_ANSWER_TOKENS})
+        config = config.model_copy(update={"evaluate": evaluate})
     if server is not None:
         server.wait_healthy()  # a flow run must not find the server half started
     print(f"Running the pipeline into {output_root} (logs: <stage>/logs/) ...", flush=True)
@@ -226,11 +233,15 @@ def _run(args: argparse.Namespace, workdir: Path, output_root: Path, started: fl
 
     print(f"\nDone in {time.monotonic() - started:.0f} s (Prefect's start included):")
     _print_table(rows)
+    evaluation = read_results(output_root / "evaluate" / "output")
+    if evaluation:
+        print(f"\nEvaluation ({output_root / 'evaluate' / 'output' / RESULTS_TABLE}):")
+        print("  " + results_table(evaluation).rstrip().replace("\n", "\n  "))
     print(f"\nAveraged model: {output_root / 'average' / 'output'}")
     print(f"Logs:           {output_root}/<stage>/logs/attempt-N.log")
     where = "in the UI above" if args.ui else "run `prefect server start`, then http://127.0.0.1:4200"
     print(f"Artifacts:      <stage>-output, -summary, -progress, -loss, -loss-table, preflight-report, "
-          f"pipeline-summary ({where}; or `prefect artifact ls`)")
+          f"evaluate-results, evaluate-report, pipeline-summary ({where}; or `prefect artifact ls`)")
     return 0
 
 

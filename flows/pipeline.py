@@ -149,7 +149,7 @@ def bunny_pipeline(config: PipelineConfig, force: list[StageName] | None = None)
         config: the whole recipe: model and data paths, per-stage hyperparameters (the
             Bunny-v1.0-4B tutorial's by default), the recipes and their weights, GPUs, retries.
         force: stages to run again even if complete, among: pretrain, each recipe's name
-            (recipe-1, recipe-2), merge-<recipe name>, average. The stages that read their
+            (recipe-1, recipe-2), merge-<recipe name>, average, evaluate. The stages that read their
             outputs run again too. Any other name fails the run before a stage starts.
     """
     with stages_stopped_on_exit():

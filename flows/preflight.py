@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.config import MergeAverageConfig, PipelineConfig, TrainingHyperparameters
+from flows.config import EvalSet, MergeAverageConfig, PipelineConfig, TrainingHyperparameters
 from flows.gpus import GpuPlanError, plan_placements
 from flows.stages import PRETRAIN, merge_stage_name, train_script
 
@@ -111,6 +111,20 @@ def _data_problems(
     report = (lambda done, total: progress(str(data_path), done, total)) if progress else None
     found = validate_records(records, data_path, image_folder, template, check_images, workers, report)
     return problems + [str(p) for p in found]
+
+
+def _eval_set_problems(eval_set: EvalSet, template: str) -> list[str]:
+    """What `bunny.evaluate` would refuse: every training check (images opened) and an answer
+    in every record, each problem naming its record."""
+    from bunny.evaluate import EvalDataError, load_eval_data
+
+    if not eval_set.image_folder.is_dir():
+        return [f"eval set {eval_set.name}: image folder {eval_set.image_folder}: no such folder"]
+    try:
+        load_eval_data(eval_set.data_path, eval_set.image_folder, template)
+    except EvalDataError as exc:
+        return [f"eval set {eval_set.name}: {p}" for p in (exc.problems or [str(exc)])]
+    return []
 
 
 def _deepspeed_problems(stage: str, value: str) -> list[str]:
@@ -256,6 +270,11 @@ def run_preflight(
         report.check(f"GPU assignment fits: {where}; {where_each}", [])
     except GpuPlanError as exc:
         report.check("GPU assignment", [f"GPU assignment: {exc}"])
+    searching = "average" in stages and config.average.weights == "search"
+    for eval_set in config.eval_sets:
+        if "evaluate" in stages or (searching and eval_set == config.average.validation):
+            report.check(f"eval set {eval_set.name}: records and images of {eval_set.data_path}",
+                         _eval_set_problems(eval_set, config.evaluate.version))
     report.check(f"output root {config.output_root} writable with room", _output_root_problems(config, stages))
     return report
 

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.config import (
+    EvalSet,
     MergeAverageConfig,
     PipelineConfig,
     RetrySettings,
@@ -24,10 +25,12 @@ from flows.config import (
     TrainingHyperparameters,
 )
 from flows.gpus import Placement
-from flows.markers import StageDir, completion, stage_key
+from flows.markers import StageDir, completion, folder_fingerprint, stage_key
 
 PRETRAIN = "pretrain"
 AVERAGE = "average"
+EVALUATE = "evaluate"
+WEIGHT_SEARCH_FILE = "weight-search.json"  # the search's curve, in the average stage's folder
 PROJECTOR_FILE = "mm_projector.bin"
 DEEPSPEED_LAUNCHER = (sys.executable, "-u", "-m", "deepspeed.launcher.runner")
 
@@ -189,6 +192,170 @@ class AverageJob(StageJob):
         return {"CUDA_VISIBLE_DEVICES": "", **self.env}
 
 
+def eval_set_identity(eval_set: EvalSet) -> dict[str, str]:
+    """An eval set as a completion key sees it: its paths and its data file's fingerprint (a
+    missing file fingerprints as such; preflight reports it)."""
+    path = eval_set.data_path
+    return {
+        "name": eval_set.name,
+        "data_path": str(path),
+        "data": folder_fingerprint(path) if path.is_file() else "missing",
+        "image_folder": str(eval_set.image_folder),
+    }
+
+
+class SearchAverageJob(StageJob):
+    """`python -m bunny.evaluate.search_weights`: the average's weights chosen by answer loss on
+    a validation split (a grid over the first model's weight for two models, greedy soup for
+    more); the chosen average is this stage's output, the curve `WEIGHT_SEARCH_FILE` beside it."""
+
+    names: list[str]
+    inherit_from: str
+    validation: EvalSet
+    grid: list[float] | None = None
+    batch_size: int = 8
+    version: str = "phi3"
+    dtype: str = "auto"
+
+    @property
+    def curve_file(self) -> Path:
+        return self.stage_dir / WEIGHT_SEARCH_FILE
+
+    def settings(self, inputs: Mapping[str, Path]) -> dict[str, Any]:
+        return {
+            "names": self.names,
+            "inherit_from": self.inherit_from,
+            "validation": eval_set_identity(self.validation),
+            "grid": self.grid,
+            "batch_size": self.batch_size,
+            "version": self.version,
+            "dtype": self.dtype,
+        }
+
+    def command(self, inputs: Mapping[str, Path]) -> list[str]:
+        grid = ["--grid", *map(repr, self.grid)] if self.grid is not None else []
+        return [
+            sys.executable, "-m", "bunny.evaluate.search_weights",
+            *(str(inputs[name]) for name in self.names),
+            "--data", str(self.validation.data_path),
+            "--image_folder", str(self.validation.image_folder),
+            "--output", str(self.dir.output),
+            "--curve", str(self.curve_file),
+            "--inherit-from", str(self.names.index(self.inherit_from)),
+            "--batch_size", str(self.batch_size),
+            "--version", self.version,
+            "--dtype", self.dtype,
+            *grid,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        return {**self.placement.env(), **self.env}
+
+
+class EvaluateJob(StageJob):
+    """`python -m bunny.evaluate`, once per eval set: every model of the pipeline (its
+    `upstream` stages' outputs, in table order) scored on held-out data; a pretrain output is
+    put on `model_base` by the loader. Results go to `output/<set name>/`."""
+
+    sets: list[EvalSet]
+    model_base: Path
+    accuracy: bool = True
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    version: str = "phi3"
+    dtype: str = "auto"
+
+    def settings(self, inputs: Mapping[str, Path]) -> dict[str, Any]:
+        return {
+            "models": self.upstream,
+            "sets": [eval_set_identity(s) for s in self.sets],
+            "model_base": str(self.model_base),
+            "accuracy": self.accuracy,
+            "batch_size": self.batch_size,
+            "max_new_tokens": self.max_new_tokens,
+            "version": self.version,
+            "dtype": self.dtype,
+        }
+
+    def set_output(self, eval_set: EvalSet) -> Path:
+        return self.dir.output / eval_set.name
+
+    def commands(self, inputs: Mapping[str, Path]) -> list[list[str]]:
+        """One `bunny.evaluate` command per eval set, all models in each."""
+        return [
+            [
+                sys.executable, "-m", "bunny.evaluate",
+                *(str(inputs[name]) for name in self.upstream),
+                "--data", str(eval_set.data_path),
+                "--image_folder", str(eval_set.image_folder),
+                "--output", str(self.set_output(eval_set)),
+                "--model-base", str(self.model_base),
+                "--batch_size", str(self.batch_size),
+                "--max_new_tokens", str(self.max_new_tokens),
+                "--version", self.version,
+                "--dtype", self.dtype,
+                *([] if self.accuracy else ["--loss_only"]),
+            ]
+            for eval_set in self.sets
+        ]
+
+    def environment(self) -> dict[str, str]:
+        return {**self.placement.env(), **self.env}
+
+
+def evaluation_placement(config: PipelineConfig, placements: Mapping[str, Placement]) -> Placement:
+    """Evaluation and the weight search run after every training stage: on the first recipe's
+    first GPU, or on every CPU core."""
+    first = placements.get(config.recipes[0].name, Placement())
+    return Placement(devices=first.devices[:1])
+
+
+def search_average_job(config: PipelineConfig, fixed: AverageJob, placement: Placement) -> SearchAverageJob:
+    """The `average` stage with its weights searched on `average.validation`."""
+    assert config.average.validation is not None  # PipelineConfig checks it
+    return SearchAverageJob(
+        **fixed.model_dump(include={"stage", "stage_dir", "env", "timeout_hours", "runtime", "retries",
+                                    "upstream", "names", "inherit_from"}),
+        placement=placement,
+        validation=config.average.validation,
+        grid=config.average.grid,
+        batch_size=config.evaluate.batch_size,
+        version=config.evaluate.version,
+        dtype=config.evaluate.dtype,
+    )
+
+
+def evaluate_job(config: PipelineConfig, jobs: Mapping[str, StageJob], placement: Placement) -> EvaluateJob:
+    """Pretrain-only, each merged recipe and the average (when there is one), on every eval set."""
+    settings = config.evaluate
+    models = [PRETRAIN, *(merge_stage_name(r.name) for r in config.recipes), *([AVERAGE] if AVERAGE in jobs else [])]
+    return EvaluateJob(
+        stage=EVALUATE,
+        stage_dir=config.output_root / EVALUATE,
+        placement=placement,
+        env=settings.env,
+        timeout_hours=settings.timeout_hours,
+        runtime=config.runtime,
+        retries=config.retries,
+        upstream=models,
+        sets=config.eval_sets,
+        model_base=config.llm,
+        accuracy=settings.accuracy,
+        batch_size=settings.batch_size,
+        max_new_tokens=settings.max_new_tokens,
+        version=settings.version,
+        dtype=settings.dtype,
+    )
+
+
+def world_size(placement: Placement) -> int | None:
+    """GPUs a stage trains on: its devices, 1 on the CPU, unknown when a hostfile or an
+    explicit `include` leaves the choice to deepspeed."""
+    if placement.devices:
+        return len(placement.devices)
+    return 1 if placement.on_cpu else None
+
+
 def training_flags(
     config: PipelineConfig, stage_dir: StageDir, data_path: Path, image_folder: Path,
     hyperparameters: TrainingHyperparameters, placement: Placement,
@@ -283,6 +450,11 @@ def pipeline_jobs(
             max_shard_size=post.max_shard_size,
             **common,
         )
+    evaluation = evaluation_placement(config, placements)
+    if AVERAGE in jobs and config.average.weights == "search":
+        jobs[AVERAGE] = search_average_job(config, jobs[AVERAGE], evaluation)
+    if config.eval_sets:
+        jobs[EVALUATE] = evaluate_job(config, jobs, evaluation)
     return jobs
 
 

@@ -41,9 +41,10 @@ from flows.launcher import LoggerLike, run_supervised, stopping
 from flows.markers import begin_attempt, mark_complete, read_json
 from flows.ports import HOST_PORTS, run_on_free_port
 from flows.preflight import PreflightError, run_merge_preflight, run_preflight
+from flows.evaluation import publish_evaluation, publish_weight_search, write_results
 from flows.remote import remote_stage
 from flows.slots import hold_gpu_slots
-from flows.stages import AverageJob, MergeJob, StageJob, TrainJob
+from flows.stages import AverageJob, EvaluateJob, MergeJob, SearchAverageJob, StageJob, TrainJob
 
 EVENT = {"bunny_event": True}  # marks the one-line stage reports (the demo prints only these)
 PREFLIGHT_PROGRESS_EVERY = 30.0  # seconds between preflight progress log lines
@@ -112,6 +113,7 @@ def _run_stage(
 
 def _launch(job: StageJob, command: list[str], env: dict[str, str], logger: LoggerLike,
             on_tick: Callable[[], None] | None = None, log: Path | None = None) -> float:
+    """`log`: an attempt's log to append to (several commands in one attempt); default: a new one."""
     return run_supervised(
         job.stage,
         command,
@@ -202,6 +204,39 @@ def average_stage(job: AverageJob, upstream: UpstreamFutures) -> Path | State:
     return _run_stage(job, upstream, resumable=False, body=body)
 
 
+@task(name="average", task_run_name="{job.stage}", cache_policy=NO_CACHE)
+def search_average_stage(job: SearchAverageJob, upstream: dict[str, Path]) -> Path:
+    """The average with its weights chosen on the validation split; publishes the curve."""
+
+    def body(inputs: dict[str, Path], logger: LoggerLike) -> float:
+        with DEVICE_LOCKS.hold(job.placement.devices, _waiting(job, logger)):
+            seconds = _launch(job, job.command(inputs), job.environment(), logger)
+        result = publish_weight_search(job)
+        chosen = " / ".join(f"{w:.3g}" for w in result["weights"])
+        logger.info("%s: weights %s chosen on %s (validation answer loss %.4f)",
+                    job.stage, chosen, job.validation.name, result["loss"], extra=EVENT)
+        return seconds
+
+    return _run_stage(job, upstream, resumable=False, body=body)
+
+
+@task(name="evaluate", task_run_name="{job.stage}", cache_policy=NO_CACHE)
+def evaluate_stage(job: EvaluateJob, upstream: dict[str, Path]) -> Path:
+    """Every model on every eval set (one `bunny.evaluate` per set, one log per attempt);
+    publishes the comparison table and its charts."""
+
+    def body(inputs: dict[str, Path], logger: LoggerLike) -> float:
+        log = job.dir.next_log()
+        seconds = 0.0
+        with DEVICE_LOCKS.hold(job.placement.devices, _waiting(job, logger)):
+            for command in job.commands(inputs):
+                seconds += _launch(job, command, job.environment(), logger, log=log)
+        publish_evaluation(job, write_results(job))
+        return seconds
+
+    return _run_stage(job, upstream, resumable=False, body=body)
+
+
 class PreflightProgress:
     """Log lines, and a progress artifact for large data sets, while images are checked."""
 
@@ -242,6 +277,7 @@ def preflight_stage(config: PipelineConfig | MergeAverageConfig, stages: list[st
 
 
 STAGE_TASKS: dict[type[StageJob], Any] = {TrainJob: train_stage, MergeJob: merge_stage, AverageJob: average_stage}
+STAGE_TASKS.update({SearchAverageJob: search_average_stage, EvaluateJob: evaluate_stage})
 
 
 def _retry_unless_stopping(_task: Any, _task_run: Any, _state: Any) -> bool:
