@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["pretrain", "recipe-1", "recipe-2", "merge-recipe-1", "merge-recipe-2", "average"]
+STAGES = ["pretrain", "recipe-1", "recipe-2", "merge-recipe-1", "merge-recipe-2", "average", "evaluate"]  # the demo scores its models
 
 
 class ListHandler(logging.Handler):

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,29 @@ def test_every_stage_ran_and_published_its_artifacts(pipeline_run):
     assert "## Passed" in Artifact.get("preflight-report").data
     summary = Artifact.get("pipeline-summary").data
     assert "data:image/png;base64," in summary and all(f"| {stage} |" in summary for stage in STAGES)
+
+
+LOG_TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+
+
+def log_span(root: Path, stage: str) -> tuple[datetime, datetime]:
+    """First and last timestamp a stage's attempt logs hold (deepspeed's and our loggers' lines)."""
+    stamps = [datetime.fromisoformat(found) for name in attempts(root, stage)
+              for found in LOG_TIME.findall((root / stage / "logs" / name).read_text())]
+    assert stamps, f"no timestamped line in {stage}'s logs"
+    return min(stamps), max(stamps)
+
+
+def test_recipes_train_side_by_side_and_a_merge_starts_when_its_recipe_ends(pipeline_run):
+    """The README's DAG: both recipes at once, each merge as soon as its own recipe is done
+    (recipe-2 fails once and is retried, so recipe-1's merge runs while recipe-2 still trains)."""
+    root = pipeline_run["root"]
+    recipe_1, recipe_2 = log_span(root, "recipe-1"), log_span(root, "recipe-2")
+    assert recipe_1[0] < recipe_2[1] and recipe_2[0] < recipe_1[1], (recipe_1, recipe_2)
+    (first, first_span), (_, last_span) = sorted(
+        [("recipe-1", recipe_1), ("recipe-2", recipe_2)], key=lambda item: item[1][1])
+    merge_start = log_span(root, f"merge-{first}")[0]
+    assert first_span[1] <= merge_start + timedelta(seconds=1) and merge_start < last_span[1], (first, merge_start, last_span)
 
 
 def test_average_loads_and_is_the_weighted_sum_of_the_merges(pipeline_run):
