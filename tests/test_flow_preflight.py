@@ -128,3 +128,12 @@ def test_a_template_whose_stop_string_the_tokenizer_cannot_emit_is_refused(tiny_
     problems = run_preflight(wrong, ALL_STAGES, visible_gpus=[]).problems
     assert any("--version 'llama3'" in p and "is not one token of this tokenizer" in p for p in problems), problems
     assert not any("--version" in p for p in run_preflight(config, ALL_STAGES, visible_gpus=[]).problems)
+
+
+def test_a_corrupt_model_config_is_reported_by_name(tiny_assets, tmp_path):
+    llm = tmp_path / "llm"
+    shutil.copytree(tiny_assets.llm, llm)
+    (llm / "config.json").write_text("{ not json")
+    config = PipelineConfig.demo(tiny_assets, tmp_path / "out").model_copy(update={"llm": llm})
+    problems = run_preflight(config, ALL_STAGES, visible_gpus=[]).problems
+    assert any(p.startswith(f"llm {llm}: config does not load") for p in problems), problems
