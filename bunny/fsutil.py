@@ -93,20 +93,7 @@ def atomic_output_dir(target: str | os.PathLike[str], overwrite: bool = False) -
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     """Write `obj` as indented JSON to `path` via a fsynced temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = _sibling(path, TEMP_MARKER)
-    try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def output_folder_problem(output: Path, inputs: Sequence[Path], overwrite: bool, name: str) -> str | None:
