@@ -172,7 +172,7 @@ class BunnyTrainer(Trainer):
     # adds them again as "frozen fragments"). Frozen weights are what the stage loads from its
     # inputs at start, so a resumed run has them already: every stage's checkpoints hold the
     # trainable parameters, buffers and optimizer state only, and resume loads them checked.
-    _exclude_frozen = True  # False writes HF's full checkpoints (benchmarks/checkpoint_bench.py's "before")
+    _exclude_frozen = True  # private switch: False writes the full checkpoints HF would (what the tests must catch)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.is_deepspeed_enabled:
