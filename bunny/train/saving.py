@@ -91,5 +91,21 @@ def save_lora(model: nn.Module, output_dir: Path, is_main: bool, processors=()) 
             processor.save_pretrained(output_dir)
 
 
+def load_trainable_state(src: dict[str, torch.Tensor], dst: nn.Module) -> None:
+    """Load a checkpoint's module state that may lack the frozen parameters (DeepSpeed's
+    ``custom_load_fn``): those keep the values the stage loaded from its inputs. Any other
+    key missing, or a key the model does not have, is an error naming them, as a strict load
+    would be (a checkpoint of another stage or model is refused, not half-loaded)."""
+    frozen = {name for name, param in dst.named_parameters(remove_duplicate=False) if not param.requires_grad}
+    result = dst.load_state_dict(src, strict=False)
+    missing = sorted(set(result.missing_keys) - frozen)
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            "the checkpoint does not fit the model: "
+            f"missing trainable weights {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+            f"unexpected keys {sorted(result.unexpected_keys)[:10]}"
+        )
+
+
 def _strip_peft_prefix(name: str) -> str:
     return name.removeprefix("base_model.model.")

@@ -1,11 +1,12 @@
 """HF Trainer with Bunny's additions: named optimizer groups (the projector and an unfrozen
 vision tower at ``--mm_projector_lr``), each group's learning rate in every log line,
-modality-grouped batches, the tokenization-mismatch budget, and saves that hold only the
-stage's trainable weights."""
+modality-grouped batches, the tokenization-mismatch budget, and saves (model files and
+DeepSpeed checkpoints alike) that hold only the stage's trainable weights."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from transformers import Trainer, TrainerCallback
 
 from bunny.data.sampler import ModalityLengthGroupedSampler
 from bunny.train.callbacks import StepTimingCallback
-from bunny.train.saving import save_lora, save_projector
+from bunny.train.saving import load_trainable_state, save_lora, save_projector
 
 
 PROJECTOR_GROUP = "mm_projector"  # the projector (+ an unfrozen vision tower), at --mm_projector_lr
@@ -162,6 +163,47 @@ class BunnyTrainer(Trainer):
             save_lora(self.model, output_dir, self.args.should_save, processors)
         else:
             super().save_model(str(output_dir), _internal_call)
+
+    # --- checkpoints ----------------------------------------------------------------
+    # A DeepSpeed checkpoint (`global_step*/`) holds the module's state dict and, under ZeRO,
+    # the fp32 partitions of the trainable parameters with their AdamW moments. HF Trainer
+    # leaves the frozen weights out only for PEFT models: a pretrain checkpoint would hold the
+    # whole frozen LLM and tower (7.9 GiB at Bunny-4B's shapes; under ZeRO-2 and -3 DeepSpeed
+    # adds them again as "frozen fragments"). Frozen weights are what the stage loads from its
+    # inputs at start, so a resumed run has them already: every stage's checkpoints hold the
+    # trainable parameters, buffers and optimizer state only, and resume loads them checked.
+    _exclude_frozen = True  # private switch: False writes the full checkpoints HF would (what the tests must catch)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from accelerate.utils import DeepSpeedSchedulerWrapper
+        from transformers.trainer import SCHEDULER_NAME
+
+        self.model_wrapped.save_checkpoint(output_dir, exclude_frozen_parameters=self._exclude_frozen)
+        # DeepSpeed saves its own scheduler (HF's, wrapped); any other is saved as HF does
+        if self.args.should_save and not isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper):
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        """HF resumes a DeepSpeed run with a strict module load for non-PEFT models, which a
+        checkpoint without the frozen weights fails, and a blind non-strict one for PEFT models.
+        Here every stage loads its checkpoint with :func:`load_trainable_state`: the frozen
+        weights may be absent, nothing else."""
+        if not (self.is_deepspeed_enabled and resume_from_checkpoint is not None):
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        if not list(Path(resume_from_checkpoint).glob("global_step*")):
+            raise ValueError(f"{resume_from_checkpoint}: no DeepSpeed checkpoint (global_step*) to resume from")
+        load_path, _ = self.model_wrapped.load_checkpoint(
+            resume_from_checkpoint, load_optimizer_states=True, load_lr_scheduler_states=True,
+            custom_load_fn=load_trainable_state,
+        )
+        if load_path is None:
+            raise ValueError(f"DeepSpeed could not resume from {resume_from_checkpoint}")
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
 
 
 class _RecordAppliedLearningRates(TrainerCallback):
