@@ -18,7 +18,6 @@ from typing import Any
 
 from bunny.fsutil import atomic_output_dir
 from bunny.tiny.data import TinyDataPaths, check_sizes, write_tiny_datasets
-from bunny.tiny.models import save_tiny_llm, save_tiny_vision_tower
 
 MARKER = "tiny_assets.json"
 FORMAT_VERSION = 1
@@ -82,6 +81,8 @@ def _why_not_reusable(root: Path, spec: dict[str, int]) -> str | None:
 
 
 def _build(root: Path, spec: dict[str, int]) -> None:
+    from bunny.tiny.models import save_tiny_llm, save_tiny_vision_tower  # torch: not for --help
+
     save_tiny_llm(root / LLM_DIR, spec["seed"])
     save_tiny_vision_tower(root / VISION_TOWER_DIR, spec["seed"])
     write_tiny_datasets(root, spec["seed"], spec["n_pretrain"], spec["n_finetune"], spec["n_heldout"])
