@@ -9,7 +9,7 @@ The names below are imported on first use (PEP 562), so ``--help`` needs no torc
 
 from __future__ import annotations
 
-import importlib
+from bunny.lazy import lazy_exports
 
 _LAZY_NAMES = {
     "main": "bunny.merge.cli",
@@ -23,13 +23,4 @@ _LAZY_NAMES = {
 __all__ = ["LoraRun", "MergeError", "MergeResult", "main", "merge_lora", "read_lora_run"]
 
 
-def __getattr__(name: str):
-    if name not in _LAZY_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_NAMES})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY_NAMES, globals())

@@ -7,7 +7,7 @@ on first use (PEP 562).
 
 from __future__ import annotations
 
-import importlib
+from bunny.lazy import lazy_exports
 
 from bunny.model.registry import install_auto_registration
 
@@ -35,16 +35,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _LAZY_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY_NAMES})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY_NAMES, globals())
 
 
 install_auto_registration()
