@@ -4,6 +4,7 @@ and the lazily registered Auto classes still load a saved Bunny model in a fresh
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -20,12 +21,12 @@ COMMANDS = {
     "bunny.generate": ("module", "bunny.generate"),
     "bunny.evaluate": ("module", "bunny.evaluate"),
     "flows.demo": ("module", "flows.demo"),
-    "train.py": ("path", str(TRAIN_SCRIPT)),
 }
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def heavy_modules_after(code: str) -> list[str]:
@@ -66,6 +67,28 @@ def test_help_imports_neither_torch_nor_transformers(name):
         "    raise AssertionError('--help did not exit')"
     )
     assert heavy_modules_after(code) == []
+
+
+def test_train_help_is_cached_and_then_needs_no_torch(tmp_path):
+    """train.py's flags come from transformers' TrainingArguments: the first --help imports it and
+    caches the text; the next prints the same text without importing torch or transformers."""
+    env = {"XDG_CACHE_HOME": str(tmp_path), "COLUMNS": "100"}
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(TRAIN_SCRIPT)!r}, '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({str(TRAIN_SCRIPT)!r}, run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code in (0, None), exit.code\n"
+        "import json\n"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    )
+    first, second = run_python(code, env), run_python(code, env)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert json.loads(first.stdout.splitlines()[-1]) == list(HEAVY)  # rendered by HfArgumentParser
+    assert json.loads(second.stdout.splitlines()[-1]) == []
+    assert "--model_name_or_path" in first.stdout and "--per_device_train_batch_size" in first.stdout
+    assert second.stdout.splitlines()[:-1] == first.stdout.splitlines()[:-1]  # the help, without the module list
 
 
 @pytest.fixture(scope="module")

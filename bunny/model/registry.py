@@ -6,11 +6,13 @@ Bunny model. So a meta-path finder wraps the loaders of transformers' two Auto m
 asks for the registration right after each has executed (at once for those already imported):
 AutoConfig's asks for the config classes only, AutoModelForCausalLM's for the models too.
 
-The imports interleave (``modeling_auto`` imports ``configuration_auto``; a config class's
-docstring decorator may import ``modeling_auto``; a Bunny module may be the one importing
-transformers), so a request made while any of these modules is still executing is kept and
-served once none is: by the hook that finishes last, or at the bottom of
-``bunny.model.configs`` / ``bunny.model.families`` (``register_wanted(finishing=__name__)``).
+The imports interleave (``modeling_auto`` imports ``configuration_auto``; ``modeling_utils``
+imports ``configuration_auto`` half-way through its own execution; a config class's docstring
+decorator may import ``modeling_auto``; a Bunny module may be the one importing transformers),
+so a request is served only once no transformers module is mid-execution: the finder wraps
+every transformers module's loader until both registrations are done, and the last module
+to finish serves it, or the bottom of ``bunny.model.configs`` / ``bunny.model.families`` does
+(``register_wanted(finishing=__name__)``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ _FAMILIES_MODULE = "bunny.model.families"
 _HOOKS = {CONFIG_AUTO_MODULE: _CONFIGS_MODULE, MODELING_AUTO_MODULE: _FAMILIES_MODULE}
 
 _hooked: set[str] = set()  # Auto modules whose request has been made
-_executing: set[str] = set()  # Auto modules executing under our loader wrapper
+_executing: set[str] = set()  # transformers modules executing under our loader wrapper
 _wanted: set[str] = set()  # our modules whose registration is due
 _registering = False
 
@@ -60,21 +62,25 @@ def register_wanted(finishing: str | None = None) -> None:
             importlib.import_module(name).register()
     finally:
         _registering = False
+    if _hooked == set(_HOOKS) and not _wanted and _FINDER in sys.meta_path:
+        sys.meta_path.remove(_FINDER)  # all done: transformers' imports run unwrapped from now on
 
 
 def _request(auto_module: str) -> None:
     _hooked.add(auto_module)
-    if _hooked == set(_HOOKS) and _FINDER in sys.meta_path:
-        sys.meta_path.remove(_FINDER)
     _wanted.add(_HOOKS[auto_module])
     register_wanted()
 
 
+def _is_transformers(name: str) -> bool:
+    return name == "transformers" or name.startswith("transformers.")
+
+
 class _AutoRegistrationFinder(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: wraps the real loader of transformers' Auto modules."""
+    """Finds nothing itself: wraps the real loader of transformers' modules."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _HOOKS or fullname in _hooked:
+        if not _is_transformers(fullname):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -94,7 +100,10 @@ class _AutoRegistrationFinder(importlib.abc.MetaPathFinder):
                 exec_module(module)
             finally:
                 _executing.discard(fullname)
-            _request(fullname)
+            if fullname in _HOOKS and fullname not in _hooked:
+                _request(fullname)
+            else:
+                register_wanted()  # a request kept while this module executed may be due now
 
         spec.loader.exec_module = exec_then_register  # this spec's own loader instance
         return spec
