@@ -108,6 +108,9 @@ IMPORT_ORDERS = {
     "bunny, then AutoConfig, then AutoModel": "import bunny\nfrom transformers import AutoConfig\n"
                                                 "from transformers import AutoModelForCausalLM\n",
     "transformers first": "from transformers import AutoConfig, AutoModelForCausalLM\nimport bunny\n",
+    # modeling_utils imports configuration_auto half-way through its own execution
+    "bunny, then AutoImageProcessor": "import bunny\nfrom transformers import AutoImageProcessor\n"
+                                      "from transformers import AutoConfig, AutoModelForCausalLM\n",
     "a Bunny module first": "import bunny.model.families\nfrom transformers import AutoConfig, AutoModelForCausalLM\n",
 }
 
