@@ -1,7 +1,8 @@
 """Bunny: a clean-room library for training Bunny-style vision-language models.
 
-Importing ``bunny`` registers the Bunny model classes with transformers' Auto classes, so a
-saved Bunny model loads with ``AutoModelForCausalLM.from_pretrained(path)``.
+Importing ``bunny`` is cheap (no torch, no transformers) and makes saved Bunny models load with
+``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained(path)``: the Bunny classes are
+registered when transformers loads its Auto classes (``bunny.model.registry``).
 """
 
-import bunny.model  # noqa: F401  (registers the Auto classes)
+import bunny.model  # noqa: F401  (installs the lazy Auto-class registration)

@@ -39,9 +39,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from bunny.cli import UserError, add_debug_flag, run_cli
 from bunny.fsutil import (
@@ -52,6 +50,9 @@ from bunny.fsutil import (
     is_disk_full,
     output_folder_problem,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -73,26 +74,32 @@ MAX_LISTED_NAMES = 10
 @dataclass(frozen=True)
 class DtypeInfo:
     itemsize: int
-    torch_dtype: torch.dtype
+    torch_name: str  # torch is imported on first use: ``--help`` should not wait for it
     is_float: bool
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.torch_name)
 
 
 SAFETENSORS_DTYPES: dict[str, DtypeInfo] = {
-    "F64": DtypeInfo(8, torch.float64, True),
-    "F32": DtypeInfo(4, torch.float32, True),
-    "F16": DtypeInfo(2, torch.float16, True),
-    "BF16": DtypeInfo(2, torch.bfloat16, True),
-    "F8_E4M3": DtypeInfo(1, torch.float8_e4m3fn, True),
-    "F8_E5M2": DtypeInfo(1, torch.float8_e5m2, True),
-    "I64": DtypeInfo(8, torch.int64, False),
-    "U64": DtypeInfo(8, torch.uint64, False),
-    "I32": DtypeInfo(4, torch.int32, False),
-    "U32": DtypeInfo(4, torch.uint32, False),
-    "I16": DtypeInfo(2, torch.int16, False),
-    "U16": DtypeInfo(2, torch.uint16, False),
-    "I8": DtypeInfo(1, torch.int8, False),
-    "U8": DtypeInfo(1, torch.uint8, False),
-    "BOOL": DtypeInfo(1, torch.bool, False),
+    "F64": DtypeInfo(8, "float64", True),
+    "F32": DtypeInfo(4, "float32", True),
+    "F16": DtypeInfo(2, "float16", True),
+    "BF16": DtypeInfo(2, "bfloat16", True),
+    "F8_E4M3": DtypeInfo(1, "float8_e4m3fn", True),
+    "F8_E5M2": DtypeInfo(1, "float8_e5m2", True),
+    "I64": DtypeInfo(8, "int64", False),
+    "U64": DtypeInfo(8, "uint64", False),
+    "I32": DtypeInfo(4, "int32", False),
+    "U32": DtypeInfo(4, "uint32", False),
+    "I16": DtypeInfo(2, "int16", False),
+    "U16": DtypeInfo(2, "uint16", False),
+    "I8": DtypeInfo(1, "int8", False),
+    "U8": DtypeInfo(1, "uint8", False),
+    "BOOL": DtypeInfo(1, "bool", False),
 }
 
 
@@ -423,6 +430,8 @@ class ChunkBuffers:
     def get(self, role: str, nbytes: int) -> torch.Tensor:
         buffer = self._buffers.get(role)
         if buffer is None or buffer.numel() < nbytes:
+            import torch
+
             buffer = self._buffers[role] = torch.empty(nbytes, dtype=torch.uint8)
         return buffer[:nbytes]
 
@@ -465,6 +474,8 @@ class StreamingAverager:
         writes: deque[tuple[int, Future[None]]] = deque()
         closes: list[Future[None]] = []
         started = 0
+        import torch
+
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         with ThreadPoolExecutor(1, "average-read") as reader, ThreadPoolExecutor(
@@ -525,6 +536,8 @@ class StreamingAverager:
 
     def _average(self, chunk: Chunk, slot: ChunkBuffers) -> torch.Tensor:
         """Weighted sum of the slot's inputs into its output buffer; returns the bytes."""
+        import torch
+
         info = chunk.info
         if not info.is_float:  # validated identical in every input: pass through
             return slot.get("input0", chunk.nbytes)

@@ -6,20 +6,27 @@ accuracy), ``write_results`` (per-record JSONL, summaries, table), ``search_aver
 command line.
 """
 
-from bunny.evaluate.evaluator import (
-    EvalData,
-    EvalDataError,
-    EvalResult,
-    EvalSettings,
-    EvalSummary,
-    RecordResult,
-    answer_loss,
-    answer_losses,
-    evaluate_model,
-    load_eval_data,
-)
-from bunny.evaluate.normalize import answers_match, normalize_answer
-from bunny.evaluate.results import model_labels, summary_table, write_model_results, write_results, write_summary
+from bunny.lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "EvalData": "bunny.evaluate.evaluator",
+    "EvalDataError": "bunny.evaluate.evaluator",
+    "EvalResult": "bunny.evaluate.evaluator",
+    "EvalSettings": "bunny.evaluate.evaluator",
+    "EvalSummary": "bunny.evaluate.evaluator",
+    "RecordResult": "bunny.evaluate.evaluator",
+    "answer_loss": "bunny.evaluate.evaluator",
+    "answer_losses": "bunny.evaluate.evaluator",
+    "evaluate_model": "bunny.evaluate.evaluator",
+    "load_eval_data": "bunny.evaluate.evaluator",
+    "answers_match": "bunny.evaluate.normalize",
+    "normalize_answer": "bunny.evaluate.normalize",
+    "model_labels": "bunny.evaluate.results",
+    "summary_table": "bunny.evaluate.results",
+    "write_model_results": "bunny.evaluate.results",
+    "write_results": "bunny.evaluate.results",
+    "write_summary": "bunny.evaluate.results",
+}, globals())
 
 __all__ = [
     "EvalData",

@@ -11,14 +11,9 @@ import gc
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from transformers.utils import logging as hf_logging
-
 from bunny.cli import UserError, add_debug_flag, run_cli
-from bunny.evaluate.evaluator import DEFAULT_MAX_NEW_TOKENS, EvalResult, EvalSettings, evaluate_model, load_eval_data
-from bunny.evaluate.results import model_labels, summary_table, write_model_results, write_summary
+from bunny.evaluate.settings import DEFAULT_MAX_NEW_TOKENS, EvalSettings
 from bunny.generate.cli import add_model_arguments
-from bunny.generate.loading import ModelLoadError, load_model
 
 PROG = "bunny-evaluate"
 
@@ -42,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
+    # Imported after parsing: torch and transformers take seconds, --help should not wait.
+    import torch
+
+    from bunny.evaluate.evaluator import EvalResult, evaluate_model, load_eval_data
+    from bunny.evaluate.results import model_labels, summary_table, write_model_results, write_summary
+    from bunny.generate.loading import ModelLoadError, load_model
+
     missing = [str(path) for path in args.models if not path.is_dir()]
     if missing:
         raise ModelLoadError(f"model folder{'s' if len(missing) > 1 else ''} not found: {', '.join(missing)}")
@@ -70,5 +72,7 @@ def _main(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model: noise next to ours
     return run_cli(PROG, lambda: _main(args), debug=args.debug)

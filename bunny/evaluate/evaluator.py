@@ -28,11 +28,9 @@ from bunny.data import DataCollator, SupervisedDataset, validate_records
 from bunny.data.records import load_records, record_id
 from bunny.evaluate.loss import RowLoss, batch_answer_loss, image_width
 from bunny.evaluate.normalize import answers_match, normalize_answer
+from bunny.evaluate.settings import DEFAULT_MAX_NEW_TOKENS, EvalSettings  # noqa: F401  (re-exported)
 from bunny.generate.answers import GenerationSettings, generate_answers, questions_from_records
 from bunny.generate.loading import LoadedModel
-
-DEFAULT_MAX_NEW_TOKENS = 64
-
 
 class EvalDataError(UserError):
     """A held-out file that cannot be scored; ``problems`` names each record."""
@@ -46,14 +44,6 @@ class EvalData:
     image_folder: Path | None
     template: str
     records: list[dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    batch_size: int = 8
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    accuracy: bool = True  # greedy answers: the costly part; the weight search needs the loss only
-    progress: bool = False
 
 
 @dataclass(frozen=True)

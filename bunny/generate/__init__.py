@@ -5,16 +5,20 @@
     generate_answers(loaded, [Question("q1", "What shape is shown?", Path("image.png"))])
 """
 
-from bunny.generate.answers import (
-    GenerationSettings,
-    Question,
-    answer_batch,
-    generate_answers,
-    iter_answers,
-    load_questions,
-    questions_from_records,
-)
-from bunny.generate.loading import LoadedModel, ModelLoadError, load_model
+from bunny.lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "GenerationSettings": "bunny.generate.answers",
+    "Question": "bunny.generate.answers",
+    "answer_batch": "bunny.generate.answers",
+    "generate_answers": "bunny.generate.answers",
+    "iter_answers": "bunny.generate.answers",
+    "load_questions": "bunny.generate.answers",
+    "questions_from_records": "bunny.generate.answers",
+    "LoadedModel": "bunny.generate.loading",
+    "ModelLoadError": "bunny.generate.loading",
+    "load_model": "bunny.generate.loading",
+}, globals())
 
 __all__ = [
     "GenerationSettings",

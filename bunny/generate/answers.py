@@ -23,6 +23,7 @@ from bunny.conversation import GPT, HUMAN, generation_prompt, tokenize_prompt
 from bunny.data.images import load_image, process_image
 from bunny.data.records import load_records, record_id
 from bunny.generate.loading import LoadedModel
+from bunny.generate.settings import GenerationSettings
 
 
 @dataclass(frozen=True)
@@ -33,30 +34,6 @@ class Question:
     text: str
     image: Path | None = None
     reference: str | None = None  # the record's first answer, when it has one
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Decoding settings, named as ``transformers``' ``generate`` names them. Greedy by default."""
-
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    num_beams: int = 1
-    repetition_penalty: float | None = None
-    seed: int = 0  # seeds sampling, so a sampled run is reproducible too
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                                  "num_beams": self.num_beams, "use_cache": True}
-        for name in ("temperature", "top_p", "top_k", "repetition_penalty"):
-            if getattr(self, name) is not None:
-                kwargs[name] = getattr(self, name)
-        if not self.do_sample:  # the model's generation_config may carry sampling defaults
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs
 
 
 def questions_from_records(records: Sequence[Any], data_path: str | Path, image_folder: str | Path | None) -> list[Question]:

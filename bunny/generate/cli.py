@@ -11,12 +11,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers.utils import logging as hf_logging
-
 from bunny.cli import UserError, add_debug_flag, run_cli
 from bunny.fsutil import write_text_atomic
-from bunny.generate.answers import GenerationSettings, Question, answer_record, dumps_jsonl, iter_answers, load_questions
-from bunny.generate.loading import DEFAULT_TEMPLATE, DTYPES, load_model
+from bunny.generate.settings import DEFAULT_TEMPLATE, DTYPE_NAMES, GenerationSettings
 
 PROG = "bunny-generate"
 
@@ -28,7 +25,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", "--conv-mode", dest="template", default=DEFAULT_TEMPLATE,
                         help=f"conversation template of the prompts (default {DEFAULT_TEMPLATE})")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: a GPU when there is one)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                         help="weights' precision (default: float32 on the CPU, the saved dtype on a GPU)")
 
 
@@ -76,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: argparse.Namespace) -> int:
+    # Imported after parsing: torch and transformers take seconds, --help should not wait.
+    from bunny.generate.answers import Question, answer_record, dumps_jsonl, iter_answers, load_questions
+    from bunny.generate.loading import load_model
+
     settings = settings_from(args)
     if args.question is not None:
         if args.image is not None and not args.image.is_file():
@@ -102,5 +103,7 @@ def _main(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model: noise next to ours
     return run_cli(PROG, lambda: _main(args), debug=args.debug)

@@ -22,15 +22,15 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, A
 import bunny  # noqa: F401  (registers the Bunny model classes with the Auto classes)
 from bunny.cli import UserError
 from bunny.conversation import get_template
+from bunny.generate.settings import DEFAULT_TEMPLATE, DTYPE_NAMES
 
 logger = logging.getLogger("bunny.generate")
 
-DEFAULT_TEMPLATE = "phi3"
 DEFAULT_ASPECT_RATIO = "pad"  # what Bunny's recipes train with
 DEFAULT_MAX_LENGTH = 2048
 ADAPTER_CONFIG = "adapter_config.json"
 PROJECTOR_FILE = "mm_projector.bin"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 class ModelLoadError(UserError):

@@ -4,10 +4,23 @@
 ``--model-path --model-base --model-type --save-model-path`` flags). Modules:
 ``inputs`` reads and checks the folders, ``assemble`` builds and merges the model in memory,
 ``shards`` writes safetensors shards from memory, ``merger`` ties them together atomically.
+The names below are imported on first use (PEP 562), so ``--help`` needs no torch.
 """
 
-from bunny.merge.cli import main
-from bunny.merge.inputs import LoraRun, MergeError, read_lora_run
-from bunny.merge.merger import MergeResult, merge_lora
+from __future__ import annotations
+
+from bunny.lazy import lazy_exports
+
+_LAZY_NAMES = {
+    "main": "bunny.merge.cli",
+    "LoraRun": "bunny.merge.inputs",
+    "MergeError": "bunny.merge.inputs",
+    "read_lora_run": "bunny.merge.inputs",
+    "MergeResult": "bunny.merge.merger",
+    "merge_lora": "bunny.merge.merger",
+}
 
 __all__ = ["LoraRun", "MergeError", "MergeResult", "main", "merge_lora", "read_lora_run"]
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY_NAMES, globals())

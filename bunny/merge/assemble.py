@@ -31,6 +31,7 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from bunny.merge.inputs import LoraRun, MergeError
+from bunny.merge.options import MERGE_METHODS
 from bunny.model.projector import build_projector
 from bunny.model.vision_tower import VisionTower, tower_classes, upgrade_tower_key
 
@@ -265,9 +266,6 @@ def load_unmerged_model(
             if not key.startswith((TOWER_PREFIX, PROJECTOR_PREFIX)):
                 state[key].copy_(value)
     return model.eval()
-
-
-MERGE_METHODS = ("direct", "peft")
 
 
 def direct_merge_unsupported(config: LoraConfig) -> str | None:

@@ -14,11 +14,9 @@ from collections.abc import Sequence
 
 from bunny.average import DEFAULT_MAX_SHARD_SIZE
 from bunny.cli import add_debug_flag, run_cli
-from bunny.merge.assemble import MERGE_METHODS
-from bunny.merge.inputs import DTYPES
-from bunny.merge.merger import merge_lora
+from bunny.merge.options import DTYPE_ALIASES, MERGE_METHODS
+from bunny.model.registry import FAMILY_NAMES
 from bunny.fsutil import format_bytes
-from bunny.model.families import FAMILIES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-path", required=True, help="LoRA output folder or one of its checkpoint-* folders")
     parser.add_argument("--model-base", required=True, help="the base LLM's folder (as --model_name_or_path in training)")
     parser.add_argument("--save-model-path", required=True, help="output folder (must not exist unless --overwrite)")
-    parser.add_argument("--model-type", choices=sorted(FAMILIES), help="LLM family (default: the run's own)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="output precision (default: the run's training dtype)")
+    parser.add_argument("--model-type", choices=sorted(FAMILY_NAMES), help="LLM family (default: the run's own)")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_ALIASES), help="output precision (default: the run's training dtype)")
     parser.add_argument(
         "--vision-tower",
         help="folder of the vision tower, when it is not where the run recorded it (mm_vision_tower): "
@@ -57,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    # Imported here, after parsing: torch, transformers and PEFT take seconds to import.
+    from bunny.merge.merger import merge_lora
+
     started = time.perf_counter()
     result = merge_lora(
         args.model_path,

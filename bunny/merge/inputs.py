@@ -17,6 +17,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from bunny.cli import UserError
 from bunny.fsutil import output_folder_problem
+from bunny.merge.options import DTYPE_ALIASES
 from bunny.model.families import FAMILIES, LLMFamily, get_family
 from bunny.model.multimodal import DEFAULT_SELECT_LAYER
 from bunny.model.vision_tower import read_vision_config
@@ -29,11 +30,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 PROCESSOR_CONFIG = "preprocessor_config.json"
 LORA_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, NON_LORA_FILE, CONFIG_FILE)
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
+DTYPES = {alias: getattr(torch, name) for alias, name in DTYPE_ALIASES.items()}
 # Fields of the LLM's config that fix the shapes of its weights: base and adapter must agree.
 SHAPE_FIELDS = (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

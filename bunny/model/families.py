@@ -1,7 +1,8 @@
 """LLM families: a Bunny model is a family's causal LM plus the multimodal mixins.
 
-Adding a family is the three short classes below and one ``LLMFamily`` entry: the
-family's own modeling code from transformers is used as is, never copied.
+Adding a family is a config class in ``bunny.model.configs``, the two short classes below,
+one ``LLMFamily`` entry and its name in ``registry.FAMILY_NAMES``: the family's own modeling
+code from transformers is used as is, never copied.
 """
 
 from __future__ import annotations
@@ -9,27 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
-    LlamaConfig,
     LlamaForCausalLM,
     LlamaModel,
-    Phi3Config,
     Phi3ForCausalLM,
     Phi3Model,
-    Qwen2Config,
     Qwen2ForCausalLM,
     Qwen2Model,
 )
 
+from bunny.model import configs
+from bunny.model.configs import BunnyLlamaConfig, BunnyPhi3Config, BunnyQwen2Config
 from bunny.model.multimodal import BunnyMetaForCausalLM, BunnyMetaModel
+from bunny.model.registry import FAMILY_NAMES, register_wanted
 
 
 # --- Phi-3 ---------------------------------------------------------------------------
-class BunnyPhi3Config(Phi3Config):
-    model_type = "bunny-phi3"
-
-
 class BunnyPhi3Model(BunnyMetaModel, Phi3Model):
     config_class = BunnyPhi3Config
 
@@ -40,10 +36,6 @@ class BunnyPhi3ForCausalLM(BunnyMetaForCausalLM, Phi3ForCausalLM):
 
 
 # --- Llama ---------------------------------------------------------------------------
-class BunnyLlamaConfig(LlamaConfig):
-    model_type = "bunny-llama"
-
-
 class BunnyLlamaModel(BunnyMetaModel, LlamaModel):
     config_class = BunnyLlamaConfig
 
@@ -54,10 +46,6 @@ class BunnyLlamaForCausalLM(BunnyMetaForCausalLM, LlamaForCausalLM):
 
 
 # --- Qwen2 ---------------------------------------------------------------------------
-class BunnyQwen2Config(Qwen2Config):
-    model_type = "bunny-qwen2"
-
-
 class BunnyQwen2Model(BunnyMetaModel, Qwen2Model):
     config_class = BunnyQwen2Config
 
@@ -91,8 +79,15 @@ def get_family(model_type: str) -> LLMFamily:
     return FAMILIES[model_type]
 
 
-def register_auto_classes() -> None:
+assert tuple(FAMILIES) == FAMILY_NAMES, "registry.FAMILY_NAMES must name the FAMILIES"
+
+
+def register() -> None:
     """Make saved Bunny models load with AutoConfig / AutoModelForCausalLM (no remote code)."""
+    configs.register()
     for family in FAMILIES.values():
-        AutoConfig.register(family.config_class.model_type, family.config_class, exist_ok=True)
         AutoModelForCausalLM.register(family.config_class, family.causal_lm_class, exist_ok=True)
+
+
+register_auto_classes = register  # its name before the registration became lazy
+register_wanted(finishing=__name__)

@@ -20,7 +20,6 @@ from typing import Any
 from bunny.cli import UserError, add_debug_flag, run_cli
 from bunny.fsutil import atomic_output_dir
 from bunny.tiny.data import TinyDataPaths, check_sizes, write_tiny_datasets
-from bunny.tiny.models import save_tiny_llm, save_tiny_vision_tower
 
 MARKER = "tiny_assets.json"
 FORMAT_VERSION = 2  # bump when the models or data change: older assets are rebuilt
@@ -93,6 +92,8 @@ def _is_older_format(root: Path) -> bool:
 
 
 def _build(root: Path, spec: dict[str, int]) -> None:
+    from bunny.tiny.models import save_tiny_llm, save_tiny_vision_tower  # torch: not for --help
+
     save_tiny_llm(root / LLM_DIR, spec["seed"])
     save_tiny_vision_tower(root / VISION_TOWER_DIR, spec["seed"])
     write_tiny_datasets(root, spec["seed"], spec["n_pretrain"], spec["n_finetune"], spec["n_heldout"])

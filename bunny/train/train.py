@@ -24,6 +24,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (deepspeed bunny/train/train.py): import the package, not siblings
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # before the heavy imports below
+    from bunny.train.help_cache import print_help
+
+    print_help(sys.argv[1:])
+    sys.exit(0)
+
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, set_seed
 
