@@ -383,10 +383,12 @@ class EvaluateSettings(Strict):
 
     sets: list[EvalSet] = Field(default_factory=list, description="held-out (test) sets; none: no evaluate stage")
     accuracy: bool = Field(default=True, description="greedy answers and their accuracy (off: answer loss only)")
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="records per forward pass / generate call")
     max_new_tokens: int = Field(default=64, ge=1, description="greedy answer length limit")
     version: str = Field(default="phi3", description="conversation template of the prompts")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="precision of the scored models (auto: float32 on the CPU, as saved on a GPU)"
+    )
     timeout_hours: float | None = Field(default=None, gt=0)
     env: dict[str, str] = Field(default_factory=dict)
 
@@ -395,7 +397,11 @@ class AverageSettings(Strict):
     """How the average's weights are chosen: `fixed` (each recipe's `weight`, the tutorial's
     0.3 / 0.7) or `search` (on `validation`: a weight grid for two recipes, greedy soup for more)."""
 
-    weights: Literal["fixed", "search"] = "fixed"
+    weights: Literal["fixed", "search"] = Field(
+        default="fixed",
+        description="fixed: each recipe's `weight` (the tutorial's 0.3 / 0.7); search: chosen by answer loss "
+        "on `validation` (a grid for two recipes, greedy soup for more)",
+    )
     validation: EvalSet | None = Field(default=None, description="the split `search` scores (never a test set)")
     grid: list[float] | None = Field(
         default=None, description="first recipe's weights to try (default: bunny.evaluate.search's 0, 0.1, ..., 1)"
@@ -454,8 +460,14 @@ class PipelineConfig(Strict):
     retries: RetrySettings = Field(default_factory=RetrySettings)
     preflight: PreflightSettings = Field(default_factory=PreflightSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
-    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
-    average: AverageSettings = Field(default_factory=AverageSettings)
+    evaluate: EvaluateSettings = Field(
+        default_factory=EvaluateSettings,
+        description="the evaluate stage: held-out sets every model is scored on (none: no such stage)",
+    )
+    average: AverageSettings = Field(
+        default_factory=AverageSettings,
+        description="the average's weights: the recipes' own (fixed) or chosen on a validation split (search)",
+    )
 
     @model_validator(mode="after")
     def _check_recipes(self) -> PipelineConfig:

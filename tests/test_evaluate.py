@@ -167,7 +167,7 @@ def test_a_record_with_no_answer_is_named(tiny_assets, tmp_path):
     problems = "\n".join(caught.value.problems)
     ids = json.loads(path.read_text())
     assert str(caught.value) == f"2 problem(s) in held-out data {path}"
-    assert f"record {ids[1]['id']!r} (#1): no answer" in caught.value.problems[0]
+    assert f"record {ids[1]['id']!r} (#1): turn 1 ('gpt') is an empty answer" in caught.value.problems[0]
     # the validation names the record and the missing gpt turn (here: a human turn where it belongs)
     assert f"record {ids[2]['id']!r} (#2)" in caught.value.problems[1] and "expected 'gpt'" in caught.value.problems[1]
 

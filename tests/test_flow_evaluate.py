@@ -169,7 +169,7 @@ def test_preflight_checks_the_eval_sets_of_the_stages_to_run(tiny_assets, tmp_pa
     config.evaluate.sets[0].data_path.write_text(json.dumps(records))
     problems = run_preflight(config, ["evaluate"], visible_gpus=[]).problems
     assert len(problems) == 1 and "eval set test" in problems[0] and repr(records[1]["id"]) in problems[0]
-    assert "no answer" in problems[0]
+    assert "is an empty answer" in problems[0]
     assert run_preflight(config, ["average"], visible_gpus=[]).problems == []  # the search reads validation only
     passed = run_preflight(config, ["average"], visible_gpus=[]).passed
     assert any("eval set validation" in check for check in passed)
