@@ -228,19 +228,19 @@ def test_load_records_errors_name_the_file(tmp_path):
         load_records(mapping)
 
 
-def _train_cli(tmp_path: Path, llm: Path, data_path: Path, *flags: str, debug: bool = False):
-    """train.py as a command; validation runs before any model loads (only the LLM's tokenizer,
-    for the template check), so any folder stands in for the tower."""
+def _train_cli(tmp_path: Path, assets, data_path: Path, *flags: str, debug: bool = False):
+    """train.py as a command; validation runs before any model loads (the tokenizer and image
+    processor load first, for the template check)."""
     env = {k: v for k, v in os.environ.items() if k != "BUNNY_DEBUG"} | ({"BUNNY_DEBUG": "1"} if debug else {})
-    command = [sys.executable, str(TRAIN_SCRIPT), "--model_name_or_path", str(llm), "--vision_tower",
-               str(tmp_path), "--data_path", str(data_path), "--output_dir", str(tmp_path / "out"), *flags]
+    command = [sys.executable, str(TRAIN_SCRIPT), "--model_name_or_path", str(assets.llm), "--vision_tower",
+               str(assets.vision_tower), "--data_path", str(data_path), "--output_dir", str(tmp_path / "out"), *flags]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_train_reports_bad_data_in_lines_without_traceback(tmp_path, folder, tiny_assets):
     data_path = tmp_path / "data.json"
     data_path.write_text(json.dumps([good(), good("gone", "missing.png"), {"id": "e", "conversations": chat("Hi", "")}]))
-    result = _train_cli(tmp_path, tiny_assets.llm, data_path, "--image_folder", str(folder))
+    result = _train_cli(tmp_path, tiny_assets, data_path, "--image_folder", str(folder))
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
