@@ -145,3 +145,28 @@ def test_a_failed_preflight_writes_no_record(tiny_assets, tmp_path):
     config = config.model_copy(update={"preflight": PreflightSettings(workers=1, min_free_gb=10**9)})
     assert run_preflight(config, ["pretrain"], visible_gpus=[]).problems
     assert not (tmp_path / "out").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("record", [None, "record.json"])
+def test_train_passes_the_flow_s_record_and_none_by_hand(tiny_assets, tmp_path, monkeypatch, record):
+    import bunny.train.train as train
+    from test_train_args import base_flags
+
+    seen: dict = {}
+
+    def fake_validate(*args, **kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(train, "validate_dataset", fake_validate)
+    monkeypatch.delenv(VALIDATION_RECORD_ENV, raising=False)
+    if record is not None:
+        monkeypatch.setenv(VALIDATION_RECORD_ENV, str(tmp_path / record))
+    with pytest.raises(_Stop):
+        train.build_trainer(base_flags(tiny_assets, tmp_path))
+    assert seen["validation_record"] == (str(tmp_path / record) if record else None)
+    assert seen["check_images"] is True
