@@ -97,8 +97,11 @@ def _template_problems(llm: Path, templates: Collection[str]) -> list[str]:
 def _data_problems(
     data_path: Path, image_folder: Path, template: str, check_images: bool, workers: int,
     progress: Progress | None,
-) -> list[str]:
+) -> tuple[list[str], dict | None]:
+    """The problems of one data set, and the validation record its images earn when they all
+    decode (see `bunny.data.validation`), taken before they are decoded."""
     from bunny.data import load_records, validate_records
+    from bunny.data.validation import validation_record_content
 
     problems: list[str] = []
     if not image_folder.is_dir():
@@ -107,10 +110,11 @@ def _data_problems(
     try:
         records = load_records(data_path)
     except (OSError, ValueError) as exc:
-        return problems + [str(exc)]
+        return problems + [str(exc)], None
+    record = validation_record_content(data_path, image_folder, records) if check_images else None
     report = (lambda done, total: progress(str(data_path), done, total)) if progress else None
     found = validate_records(records, data_path, image_folder, template, check_images, workers, report)
-    return problems + [str(p) for p in found]
+    return problems + [str(p) for p in found], record if not found else None
 
 
 def _eval_set_problems(eval_set: EvalSet, template: str) -> list[str]:
@@ -249,10 +253,13 @@ def run_preflight(
         report.check(f"templates {', '.join(templates)} fit the tokenizer of {config.llm}",
                      _template_problems(config.llm, templates))
     what = "records and images" if config.preflight.check_images else "records"
+    validation_records: dict[tuple[Path, Path], dict] = {}
     for (data_path, image_folder, template), readers_of in readers.items():
         stages_label = ", ".join(readers_of)
-        problems = _data_problems(data_path, image_folder, template, config.preflight.check_images,
-                                  config.preflight.workers, progress)
+        problems, record = _data_problems(data_path, image_folder, template, config.preflight.check_images,
+                                          config.preflight.workers, progress)
+        if record is not None:
+            validation_records[(data_path, image_folder)] = record
         report.check(f"{stages_label}: {what} of {data_path} ({template} template)",
                      [f"{stages_label}: {problem}" for problem in problems])
     hostfiles = [(PRETRAIN, config.pretrain.launch.hostfile)] + [(r.name, r.launch.hostfile) for r in config.recipes]
@@ -276,6 +283,11 @@ def run_preflight(
             report.check(f"eval set {eval_set.name}: records and images of {eval_set.data_path}",
                          _eval_set_problems(eval_set, config.evaluate.version))
     report.check(f"output root {config.output_root} writable with room", _output_root_problems(config, stages))
+    if not report.problems and validation_records:  # a failed preflight leaves no trace
+        from bunny.data.validation import validation_record_path, write_validation_record
+
+        for (data_path, image_folder), record in validation_records.items():
+            write_validation_record(validation_record_path(config.output_root, data_path, image_folder), record)
     return report
 
 

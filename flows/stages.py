@@ -381,6 +381,14 @@ def stage_work_pool(config: PipelineConfig, stage: str) -> str | None:
     return None
 
 
+def validation_record_env(root: Path, data: Any) -> dict[str, str]:
+    """Points train.py at preflight's validation record of the stage's data (see
+    `bunny.data.validation`): the images preflight decoded are not decoded again."""
+    from bunny.data.validation import VALIDATION_RECORD_ENV, validation_record_path  # lazy: a heavy import
+
+    return {VALIDATION_RECORD_ENV: str(validation_record_path(root, data.data_path, data.image_folder))}
+
+
 def pipeline_jobs(
     config: PipelineConfig, placements: Mapping[str, Placement], work_pool: str | None = None
 ) -> dict[str, StageJob]:
@@ -400,7 +408,7 @@ def pipeline_jobs(
         stage=PRETRAIN,
         stage_dir=root / PRETRAIN,
         placement=placement,
-        env=pretrain.launch.env,
+        env={**validation_record_env(root, pretrain.data), **pretrain.launch.env},
         timeout_hours=pretrain.launch.timeout_hours,
         flags=training_flags(config, StageDir(root / PRETRAIN), pretrain.data.data_path,
                              pretrain.data.image_folder, pretrain.hyperparameters, placement),
@@ -414,7 +422,7 @@ def pipeline_jobs(
             stage=recipe.name,
             stage_dir=root / recipe.name,
             placement=placement,
-            env=recipe.launch.env,
+            env={**validation_record_env(root, recipe.data), **recipe.launch.env},
             timeout_hours=recipe.launch.timeout_hours,
             upstream=[PRETRAIN],
             flags=training_flags(config, StageDir(root / recipe.name), recipe.data.data_path,

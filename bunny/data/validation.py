@@ -19,10 +19,24 @@ index. The rules:
 * no turn is empty: an empty (or blank) answer would train the end-of-text token alone, and an
   empty question (no text and no ``<image>``) would ask nothing. Such records are refused, not
   skipped: they are a data-preparation bug to fix, and a skip would hide it.
+
+A *validation record* lets a training stage skip decoding images that preflight has just
+decoded: `write_validation_record` stores what the images were checked against (the data
+file's SHA-256, the image folder, and the (path, size, mtime_ns, ctime_ns, inode) of every
+referenced image), and `validate_dataset(..., validation_record=path)` decodes no image when
+that still matches: a hash of the data file and one `stat` per image, instead of a full
+decode. The data file's hash fixes the set of image paths; an image rewritten in place
+changes its mtime and its ctime (which no user can set back: `touch -r` and `os.utime` set
+the mtime only), a replaced one its inode. On any mismatch, a missing or unreadable record,
+every image is decoded as without one. Records are always checked.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import posixpath
 import re
 from collections.abc import Callable, Sequence
@@ -32,12 +46,18 @@ from pathlib import Path
 from typing import Any
 
 from bunny.cli import UserError
+from bunny.fsutil import write_json_atomic
 from bunny.constants import DEFAULT_IMAGE_TOKEN
 from bunny.conversation import GPT, HUMAN, get_template
 from bunny.data.images import load_image
 from bunny.data.records import Record, json_kind, load_records
 
+logger = logging.getLogger(__name__)
+
 MAX_LISTED_PROBLEMS = 50
+VALIDATION_RECORD_ENV = "BUNNY_VALIDATION_RECORD"  # the flow passes the record's path to train.py in it
+VALIDATION_RECORD_FORMAT = 1  # bump when what a record vouches for changes (e.g. the image decoder)
+HASH_BLOCK = 1 << 20
 IMAGE_CHUNK = 1024  # images checked between two progress reports
 RECORD_CHUNK = 65536  # records checked between two progress reports
 THREADS_FROM = 64  # fewer distinct images than this are checked in the calling thread
@@ -230,6 +250,85 @@ def validate_records(
     return problems
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def images_fingerprint(records: Sequence[Record], image_folder: str | Path) -> str | None:
+    """SHA-256 over the sorted (relative path, size, mtime_ns, ctime_ns, inode) of every distinct
+    image the records reference; None when one cannot be stat'ed (it would not validate)."""
+    folder = Path(image_folder)
+    names = sorted({record["image"] for record in records
+                    if isinstance(record, dict) and "image" in record
+                    and _image_path_problem(record["image"], folder) is None})
+    digest = hashlib.sha256()
+    for name in names:
+        try:
+            stat = os.stat(folder / name)
+        except OSError:
+            return None
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}\n".encode())
+    return digest.hexdigest()
+
+
+def _record_content(data_path: str | Path, image_folder: str | Path, records: Sequence[Record],
+                    data_sha256: str) -> dict[str, Any] | None:
+    fingerprint = images_fingerprint(records, image_folder)
+    if fingerprint is None:
+        return None
+    return {
+        "format": VALIDATION_RECORD_FORMAT,
+        "data_path": str(Path(data_path).resolve()),
+        "data_sha256": data_sha256,
+        "image_folder": str(Path(image_folder).resolve()),
+        "images_sha256": fingerprint,
+    }
+
+
+def validation_record_content(data_path: str | Path, image_folder: str | Path,
+                              records: Sequence[Record]) -> dict[str, Any] | None:
+    """What a record vouches for, taken now: call it BEFORE decoding the images, so that an
+    image changed during the check makes the record stale rather than wrong."""
+    return _record_content(data_path, image_folder, records, file_sha256(data_path))
+
+
+def validation_record_path(root: str | Path, data_path: str | Path, image_folder: str | Path) -> Path:
+    """Where the flow keeps the record of one (data file, image folder) pair under `root`."""
+    key = f"{Path(data_path).resolve()}\0{Path(image_folder).resolve()}".encode()
+    return Path(root) / ".validation" / f"{hashlib.sha256(key).hexdigest()[:16]}.json"
+
+
+def write_validation_record(path: str | Path, content: dict[str, Any]) -> None:
+    write_json_atomic(path, content)
+
+
+def validation_record_mismatch(record_path: str | Path, data_path: str | Path,
+                               image_folder: str | Path | None, records: Sequence[Record]) -> str | None:
+    """Why the record at `record_path` does not vouch for these images now; None when it does."""
+    try:
+        stored = json.loads(Path(record_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"validation record {record_path} unreadable ({type(exc).__name__}: {exc})"
+    if image_folder is None:
+        return "no --image_folder"
+    if not isinstance(stored, dict) or stored.get("format") != VALIDATION_RECORD_FORMAT:
+        return f"validation record {record_path} is not of format {VALIDATION_RECORD_FORMAT}"
+    if stored.get("data_path") != str(Path(data_path).resolve()):
+        return f"validation record {record_path} is for data file {stored.get('data_path')}, not {data_path}"
+    if stored.get("image_folder") != str(Path(image_folder).resolve()):
+        return f"validation record {record_path} is for image folder {stored.get('image_folder')}, not {image_folder}"
+    if stored.get("data_sha256") != file_sha256(data_path):
+        return f"data file {data_path} changed since validation record {record_path}"
+    now = _record_content(data_path, image_folder, records, stored["data_sha256"])
+    if now is None or now["images_sha256"] != stored.get("images_sha256"):
+        return f"images under {image_folder} changed since validation record {record_path}"
+    return None
+
+
 def validate_dataset(
     data_path: str | Path,
     image_folder: str | Path | None,
@@ -237,12 +336,23 @@ def validate_dataset(
     check_images: bool = True,
     workers: int = 8,
     progress: Progress | None = None,
+    validation_record: str | Path | None = None,
 ) -> list[Record]:
     """Load and check `data_path`; return its records, or raise `DataValidationError` listing all problems.
 
+    With a `validation_record` that still matches (see `validation_record_mismatch`) no image
+    is decoded; any mismatch is logged and every image is checked.
     A missing or unparsable file raises `load_records`' FileNotFoundError / ValueError.
     """
     records = load_records(data_path)
+    if check_images and validation_record:
+        why = validation_record_mismatch(validation_record, data_path, image_folder, records)
+        if why is None:
+            logger.info("images of %s unchanged since validation record %s: not decoded again",
+                        data_path, validation_record)
+            check_images = False
+        else:
+            logger.warning("%s: checking every image", why)
     problems = validate_records(records, data_path, image_folder, template_name, check_images, workers, progress)
     if problems:
         raise DataValidationError(str(data_path), problems)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -36,6 +37,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, set_seed
 from bunny.cli import UserError, run_cli
 from bunny.conversation import TemplateMismatchError, check_template_fits
 from bunny.data import DataCollator, DataValidationError, SupervisedDataset, validate_dataset
+from bunny.data.validation import VALIDATION_RECORD_ENV
 from bunny.model.builder import build_bunny_model
 from bunny.train.arguments import DataArguments, ModelArguments, TrainingArguments, parse_args
 from bunny.train.callbacks import FaultInjectionCallback, ProgressFileCallback, StepTimingCallback
@@ -142,6 +144,7 @@ def build_trainer(argv: list[str]) -> BunnyTrainer:
         model_args.version,
         check_images=not data_args.skip_image_check,
         workers=data_args.validation_workers,
+        validation_record=os.environ.get(VALIDATION_RECORD_ENV),  # set by the flow after its preflight
     )
     dtype = torch.bfloat16 if train_args.bf16 else torch.float16 if train_args.fp16 else torch.float32
     model = build_bunny_model(
