@@ -205,8 +205,10 @@ def _conversations(turns: list[Turn], with_image: bool, image_at_end: bool) -> l
 
 
 def _styled(rng: random.Random, question: str, short: str, long: str, short_fraction: float) -> Turn:
-    """A turn in one answer style: short answers are asked for with `SHORT_ANSWER_PROMPT`."""
-    if rng.random() < short_fraction:
+    """A turn in one answer style: short answers are asked for with `SHORT_ANSWER_PROMPT`.
+    An all-short split draws nothing, so its records are those of the same seed before the
+    instruction existed, plus the instruction."""
+    if short_fraction >= 1 or rng.random() < short_fraction:
         return f"{question} {SHORT_ANSWER_PROMPT}", short
     return question, long
 
