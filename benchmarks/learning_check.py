@@ -1,21 +1,22 @@
 """Does the tiny pipeline learn? Held-out answer loss and accuracy of every model it makes.
 
-    python benchmarks/learning_check.py [--workdir DIR] [--steps N]
+    python benchmarks/learning_check.py [--workdir DIR] [--steps N] [--skip-pipeline]
 
 Runs the demo pipeline from scratch (`python -m flows.demo --fresh`) with N optimizer steps
-per training stage (default 3x the demo's), assembles the pretrain-only model (base LLM +
-tower + the pretrained projector, no LoRA), then scores it, both merged recipes and the
-0.3 / 0.7 average (and the searched average, when the pipeline made one) with the project's
-evaluation, `python -m bunny.evaluate`, on the tiny held-out split (fresh images, unseen text
-questions). Prints the evaluation's table and the accuracy a uniform guess gets on the
-held-out questions, per kind; the target is the average at >= 3x chance on the colour and
-shape questions. About 10-15 min on 2 cores.
+per training stage (default 3x the demo's recipe steps), splits the tiny held-out file
+(fresh images, unseen text questions) into a validation third and a test rest, chooses
+averaging weights for the two merged recipes on the validation third
+(`bunny.evaluate.search`), and scores on the test rest, with the project's evaluation
+(`bunny.evaluate`): the pretrain-only model (base LLM + tower + the pretrained projector,
+no LoRA), both merged recipes, the 0.3 / 0.7 average and the searched average. Prints the
+evaluation's table, then accuracy per question kind next to a uniform guess's (chance);
+the target is the 0.3 / 0.7 average at >= 3x chance on the colour and shape questions.
+About 10-15 min on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bunny.tiny import make_tiny_assets  # noqa: E402
-from bunny.tiny.data import COLORS, SHAPES, SIZE_FRACTIONS  # noqa: E402
+from bunny.tiny.data import COLORS, SHAPES, SHORT_ANSWER_PROMPT, SIZE_FRACTIONS  # noqa: E402
 from flows.config import DEMO_PRETRAIN_STEPS, DEMO_RECIPE_STEPS  # noqa: E402
 
 # question -> how many answers a guesser chooses from (the tiny data's question kinds)
@@ -40,58 +41,63 @@ QUESTION_KINDS: tuple[tuple[str, str, int], ...] = (
     ("size", r"small or large|large or small", len(SIZE_FRACTIONS)),
     ("presence", r"^Is there a", 2),
 )
+VALIDATION_SHARE = 1 / 3
 
 
 def question_kind(question: str) -> tuple[str, int] | None:
     """The kind of an image question and its number of possible answers (None: open-ended)."""
-    question = question.replace("<image>", "").strip()
+    question = question.replace("<image>", "").strip().removesuffix(SHORT_ANSWER_PROMPT).strip()
     for kind, pattern, choices in QUESTION_KINDS:
         if re.search(pattern, question):
             return kind, choices
     return None
 
 
-def chance_table(heldout: Path) -> dict[str, tuple[int, float]]:
-    """Per question kind over the held-out image questions: (count, a uniform guess's accuracy)."""
-    counts: dict[str, list[int]] = {}
-    for record in json.loads(heldout.read_text(encoding="utf-8")):
-        if "image" not in record:
-            continue
-        for turn in record["conversations"][::2]:
-            found = question_kind(turn["value"])
-            if found:
-                counts.setdefault(found[0], [0, found[1]])[0] += 1
-    table = {kind: (n, 1 / choices) for kind, (n, choices) in counts.items()}
-    colour_shape = [table[k] for k in ("colour", "shape") if k in table]
-    n = sum(count for count, _ in colour_shape)
-    table["colour+shape"] = (n, sum(count * p for count, p in colour_shape) / max(n, 1))
-    return table
+def split_heldout(heldout: Path, folder: Path) -> tuple[Path, Path]:
+    """The held-out file's first third as validation (weight search), the rest as test."""
+    records = json.loads(heldout.read_text(encoding="utf-8"))
+    cut = round(len(records) * VALIDATION_SHARE)
+    folder.mkdir(parents=True, exist_ok=True)
+    validation, test = folder / "validation.json", folder / "test.json"
+    validation.write_text(json.dumps(records[:cut], indent=1), encoding="utf-8")
+    test.write_text(json.dumps(records[cut:], indent=1), encoding="utf-8")
+    return validation, test
 
 
-def pretrain_only_model(assets, projector: Path, folder: Path) -> Path:
-    """A full model folder: the base LLM, the tower and the pretrain stage's projector."""
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    from bunny.model.builder import build_bunny_model
-
-    model = build_bunny_model(assets.llm, "phi-3", assets.vision_tower, "mlp2x_gelu",
-                              pretrain_mm_mlp_adapter=projector)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(assets.llm).save_pretrained(folder)
-    AutoImageProcessor.from_pretrained(assets.vision_tower).save_pretrained(folder)
-    return folder
-
-
-def run_pipeline(workdir: Path, steps: int | None) -> float:
+def run_pipeline(workdir: Path, steps: int) -> float:
     started = time.perf_counter()
-    command = [sys.executable, "-m", "flows.demo", "--workdir", str(workdir), "--fresh"]
-    if steps is not None:
-        command += ["--steps", str(steps)]
+    command = [sys.executable, "-m", "flows.demo", "--workdir", str(workdir), "--fresh", "--steps", str(steps)]
     with open(workdir / "demo.log", "w") as log:
         done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise SystemExit(f"the pipeline failed; see {workdir / 'demo.log'}")
     return time.perf_counter() - started
+
+
+def per_kind_accuracy(results) -> dict[str, dict[str, list[bool]]]:
+    """model -> question kind -> correctness of each first-turn greedy answer of that kind."""
+    table: dict[str, dict[str, list[bool]]] = {}
+    for result in results:
+        kinds = table.setdefault(result.summary.model, {})
+        for record in result.records:
+            found = question_kind(record.question)
+            if found and record.correct is not None:
+                kinds.setdefault(found[0], []).append(record.correct)
+                if found[0] in ("colour", "shape"):
+                    kinds.setdefault("colour+shape", []).append(record.correct)
+    return table
+
+
+def chance(results) -> dict[str, float]:
+    """Per question kind, a uniform guess's accuracy over the scored first-turn questions."""
+    odds: dict[str, list[float]] = {}
+    for record in results[0].records:
+        found = question_kind(record.question)
+        if found:
+            odds.setdefault(found[0], []).append(1 / found[1])
+            if found[0] in ("colour", "shape"):
+                odds.setdefault("colour+shape", []).append(1 / found[1])
+    return {kind: sum(values) / len(values) for kind, values in odds.items()}
 
 
 def main() -> int:
@@ -100,40 +106,60 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3 * DEMO_RECIPE_STEPS,
                         help=f"optimizer steps per training stage (the demo: {DEMO_PRETRAIN_STEPS} "
                              f"pretrain, {DEMO_RECIPE_STEPS} per recipe)")
+    parser.add_argument("--skip-pipeline", action="store_true", help="score the pipeline already in --workdir")
     args = parser.parse_args()
-    if importlib.util.find_spec("bunny.evaluate") is None:
-        raise SystemExit("bunny.evaluate is not in this checkout yet (issue 9, section 2); nothing to score with")
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="bunny-learning-"))).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    assets = make_tiny_assets(workdir / "assets")
-    seconds = run_pipeline(workdir, args.steps)
-    root = workdir / "pipeline"
-    models = {
-        "pretrain-only": pretrain_only_model(assets, root / "pretrain/output/mm_projector.bin",
-                                             workdir / "pretrain-only"),
-        "recipe-1": root / "merge-recipe-1/output",
-        "recipe-2": root / "merge-recipe-2/output",
-        "average 0.3/0.7": root / "average/output",
-    }
-    searched = sorted(root.glob("average*/search*/output")) + sorted(root.glob("search*/output"))
-    if searched:
-        models["searched average"] = searched[0]
+    from bunny.evaluate.evaluator import EvalSettings, evaluate_model, load_eval_data
+    from bunny.evaluate.results import summary_table
+    from bunny.evaluate.search import answer_loss_scorer, search_average_weights
+    from bunny.generate.loading import load_model
 
-    print(f"pipeline ({args.steps} steps per training stage, {os.cpu_count()} cores): {seconds:.0f} s")
-    for name, path in models.items():
-        print(f"  {name:16s} {path}")
-    evaluated = subprocess.run(
-        [sys.executable, "-m", "bunny.evaluate", *map(str, models.values()),
-         "--data", str(assets.heldout_data), "--image_folder", str(assets.finetune_images)],
-        cwd=REPO, text=True,
-    )
-    print("\nchance (a uniform guess) on the held-out image questions:")
-    for kind, (count, accuracy) in chance_table(assets.heldout_data).items():
-        print(f"  {kind:13s} {count:4d} questions  {accuracy:.3f}  (3x chance: {min(1.0, 3 * accuracy):.3f})")
-    return evaluated.returncode
+    assets = make_tiny_assets(workdir / "assets")
+    if not args.skip_pipeline:
+        seconds = run_pipeline(workdir, args.steps)
+        print(f"pipeline ({args.steps} steps per training stage, {os.cpu_count()} cores): {seconds:.0f} s")
+    root = workdir / "pipeline"
+    validation, test = split_heldout(assets.heldout_data, workdir / "heldout")
+    recipes = [root / "merge-recipe-1/output", root / "merge-recipe-2/output"]
+
+    started = time.perf_counter()
+    search = search_average_weights(recipes, answer_loss_scorer(load_eval_data(validation, assets.finetune_images)),
+                                    output_dir=workdir / "searched-average", overwrite=True)
+    print(f"weight search on {validation.name} ({time.perf_counter() - started:.0f} s): recipe-1 weight "
+          + ", ".join(f"{c.weights[0]:.1f} -> {c.loss:.3f}" for c in search.curve)
+          + f"; chosen {search.weights[0]:.1f}")
+
+    models = {
+        "pretrain-only": (root / "pretrain/output", assets.llm),
+        "recipe-1": (recipes[0], None),
+        "recipe-2": (recipes[1], None),
+        "average 0.3/0.7": (root / "average/output", None),
+        f"searched {search.weights[0]:.1f}/{search.weights[1]:.1f}": (workdir / "searched-average", None),
+    }
+    data = load_eval_data(test, assets.finetune_images)
+    results = []
+    for name, (path, base) in models.items():
+        results.append(evaluate_model(load_model(path, model_base=base), data, EvalSettings(), name=name))
+    print(f"\nheld-out test split ({test}):")
+    print(summary_table([r.summary for r in results]), end="")
+
+    accuracy, odds = per_kind_accuracy(results), chance(results)
+    kinds = [kind for kind in (*[k for k, _, _ in QUESTION_KINDS], "colour+shape") if kind in odds]
+    print("\naccuracy per question kind (first turns), chance = a uniform guess:")
+    print("| model | " + " | ".join(f"{k} ({len(accuracy[results[0].summary.model].get(k, []))})" for k in kinds) + " |")
+    print("| --- |" + " ---: |" * len(kinds))
+    print("| chance | " + " | ".join(f"{100 * odds[k]:.1f}%" for k in kinds) + " |")
+    for model, by_kind in accuracy.items():
+        cells = [f"{100 * sum(v) / len(v):.1f}%" if (v := by_kind.get(k)) else "-" for k in kinds]
+        print(f"| {model} | " + " | ".join(cells) + " |")
+    average = accuracy["average 0.3/0.7"].get("colour+shape", [])
+    ratio = (sum(average) / len(average)) / odds["colour+shape"] if average else 0.0
+    print(f"\naverage 0.3/0.7 on colour+shape: {ratio:.2f}x chance (target >= 3x)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from bunny.tiny import FORMAT_VERSION, MARKER, TinyAssets, main, make_tiny_assets
-from bunny.tiny.data import COLORS, SHAPES
+from bunny.tiny.data import COLORS, SHAPES, SHORT_ANSWER_PROMPT
 
 SMALL = {"n_pretrain": 12, "n_finetune": 16, "n_heldout": 8}
 CAPTION = re.compile(r"^a (small|large) (\w+) (circle|square|triangle) on a (\w+) background\.$")
@@ -265,6 +265,10 @@ def test_captions_describe_the_pixels(assets: TinyAssets) -> None:
         assert (extent >= 0.6) if size == "large" else (extent <= 0.5), row["id"]
 
 
+def bare_question(text: str) -> str:
+    return text.replace("<image>", "").strip().removesuffix(f" {SHORT_ANSWER_PROMPT}")
+
+
 def test_answers_follow_the_image(assets: TinyAssets) -> None:
     checked = 0
     for path in (assets.recipe1_data, assets.recipe2_data, assets.heldout_data):
@@ -272,13 +276,13 @@ def test_answers_follow_the_image(assets: TinyAssets) -> None:
             turns = row["conversations"]
             if "image" not in row:
                 for question, answer in zip(turns[::2], turns[1::2]):
-                    match = re.fullmatch(r"What is (\d+) \+ (\d+)\?", question["value"])
+                    match = re.fullmatch(r"What is (\d+) \+ (\d+)\?", question["value"].removesuffix(f" {SHORT_ANSWER_PROMPT}"))
                     if match:
                         assert answer["value"].endswith(f"{int(match[1]) + int(match[2])}."), row["id"]
                 continue
             shape, color, background, _ = pixel_truth(assets.finetune_images / row["image"])
             for question, answer in zip(turns[::2], turns[1::2]):
-                asked, said = question["value"].replace("<image>", "").strip(), answer["value"].lower()
+                asked, said = bare_question(question["value"]), answer["value"].lower()
                 if asked.startswith(("What shape", "Name the shape")):
                     assert shape in said, row["id"]
                 elif asked.startswith("What color is the") and "background" not in asked:
@@ -292,3 +296,23 @@ def test_answers_follow_the_image(assets: TinyAssets) -> None:
                 checked += 1
     assert checked > 300
 
+
+
+def test_the_question_says_which_answer_style_it_wants(assets: TinyAssets) -> None:
+    """Short answers are asked for with the instruction, sentences without it: recipe-1 and the
+    held-out split (scored by exact match) are all short, recipe-2 mixes both."""
+    def styles(path: Path) -> list[bool]:
+        found = []
+        for row in records(path):
+            turns = row["conversations"]
+            for question, answer in zip(turns[::2], turns[1::2]):
+                asks_short = question["value"].replace("<image>", "").strip().endswith(SHORT_ANSWER_PROMPT)
+                words = answer["value"].split()
+                is_short = len(words) <= 2 or words[0] == "A"  # "Red.", "A circle.", "A small red circle on ..."
+                assert asks_short == is_short, (row["id"], question["value"], answer["value"])
+                found.append(asks_short)
+        return found
+
+    assert all(styles(assets.recipe1_data)) and all(styles(assets.heldout_data))
+    recipe2 = styles(assets.recipe2_data)
+    assert 0.3 < sum(recipe2) / len(recipe2) < 0.7

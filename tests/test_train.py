@@ -14,14 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
+from transformers import AutoImageProcessor, AutoTokenizer, SiglipVisionModel
 
-from bunny.constants import IGNORE_INDEX
-from bunny.data.collator import DataCollator
-from bunny.data.dataset import SupervisedDataset
-from bunny.merge.merger import merge_lora
+from bunny.evaluate.evaluator import answer_loss, answer_losses, load_eval_data
+from bunny.generate.loading import LoadedModel, load_model
 from bunny.model.builder import build_bunny_model
 from bunny.train.ds_config import SHIPPED
 from conftest import REPO, run_deepspeed
@@ -125,26 +122,10 @@ def _recipe_args(assets, output_dir: Path, **overrides) -> list[str]:
     return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
 
 
-@torch.no_grad()
-def held_out_answer_loss(model, assets) -> float:
-    """Mean NLL per supervised token of the held-out split, with the training masking
-    (the dataset's labels), from the model's full logits: an evaluation path of its own."""
-    tokenizer = AutoTokenizer.from_pretrained(assets.llm)
-    processor = AutoImageProcessor.from_pretrained(assets.vision_tower)
-    dataset = SupervisedDataset(assets.heldout_data, tokenizer, processor, "phi3", assets.finetune_images, "pad", 256)
-    collate = DataCollator(tokenizer)
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(dataset), 8):
-        batch = collate([dataset[i] for i in range(start, min(start + 8, len(dataset)))])
-        embeds, mask, labels = model.prepare_multimodal_inputs(batch["input_ids"], batch["attention_mask"],
-                                                               batch["labels"], batch.get("images"))
-        logits = model(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1]
-        targets = labels[:, 1:]
-        supervised = targets != IGNORE_INDEX
-        total += F.cross_entropy(logits[supervised].float(), targets[supervised], reduction="sum").item()
-        count += supervised.sum().item()
-    return total / count
+def held_out_answer_loss(loaded: LoadedModel, assets) -> float:
+    """Mean NLL per supervised token of the held-out split: `bunny.evaluate`'s answer loss, whose
+    batches are training's own (tests/test_evaluate.py ties it to the training loss)."""
+    return answer_loss(answer_losses(loaded, load_eval_data(assets.heldout_data, assets.finetune_images)))
 
 
 def test_recipe_training_learns_answers_it_never_saw(tiny_assets, tmp_path):
@@ -157,9 +138,14 @@ def test_recipe_training_learns_answers_it_never_saw(tiny_assets, tmp_path):
     result = run_deepspeed(args, cwd=tmp_path, timeout=900)
     _assert_ok(result)
     torch.manual_seed(0)  # the untrained model's projector is drawn at random
-    untrained = build_bunny_model(tiny_assets.llm, "phi-3", tiny_assets.vision_tower, "mlp2x_gelu")
-    merge_lora(out, tiny_assets.llm, tmp_path / "merged")
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    untrained = LoadedModel(
+        source=tiny_assets.llm,
+        model=build_bunny_model(tiny_assets.llm, "phi-3", tiny_assets.vision_tower, "mlp2x_gelu").eval(),
+        tokenizer=AutoTokenizer.from_pretrained(tiny_assets.llm),
+        image_processor=AutoImageProcessor.from_pretrained(tiny_assets.vision_tower),
+        template="phi3", image_aspect_ratio="pad", max_length=256,
+    )
+    trained = load_model(out, model_base=tiny_assets.llm)  # the LoRA run, merged on the fly
     before, after = held_out_answer_loss(untrained, tiny_assets), held_out_answer_loss(trained, tiny_assets)
     print(f"held-out answer loss: untrained {before:.3f}, after {STEPS_TO_LEARN} steps {after:.3f}")
     assert after < LEARNED_ANSWER_LOSS < before, (before, after)

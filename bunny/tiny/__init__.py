@@ -22,7 +22,7 @@ from bunny.fsutil import atomic_output_dir
 from bunny.tiny.data import TinyDataPaths, check_sizes, write_tiny_datasets
 
 MARKER = "tiny_assets.json"
-FORMAT_VERSION = 2  # bump when the models or data change: older assets are rebuilt
+FORMAT_VERSION = 3  # bump when the models or data change: older assets are rebuilt
 LLM_DIR = "llm"
 VISION_TOWER_DIR = "vision_tower"
 DEFAULT_N_PRETRAIN = 128

@@ -38,6 +38,12 @@ SIZE_FRACTIONS: dict[str, tuple[float, float]] = {"small": (0.3, 0.45), "large":
 TEXT_ONLY_FRACTION = 0.15
 MULTI_ROUND_FRACTION = 0.3
 IMAGE_AT_END_FRACTION = 0.2
+# LLaVA-1.5's instruction for its short-answer (VQA) data: a question carrying it is answered with
+# a word or phrase ("Red."), one without it with a sentence ("The circle is red."). Recipe-1
+# and the held-out split are all short answers; recipe-2 mixes both, as llava_1.4m does, so
+# each recipe and their average know which style a held-out question asks for.
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+RECIPE2_SHORT_FRACTION = 0.5
 
 PRETRAIN_JSON = "pretrain/bunny_pretrain_tiny.json"
 PRETRAIN_IMAGES = "pretrain/images"
@@ -198,18 +204,29 @@ def _conversations(turns: list[Turn], with_image: bool, image_at_end: bool) -> l
     return messages
 
 
-def _image_turns(scene: Scene, rng: random.Random, rounds: int, long_answers: bool) -> list[Turn]:
+def _styled(rng: random.Random, question: str, short: str, long: str, short_fraction: float) -> Turn:
+    """A turn in one answer style: short answers are asked for with `SHORT_ANSWER_PROMPT`.
+    An all-short split draws nothing, so its records are those of the same seed before the
+    instruction existed, plus the instruction."""
+    if short_fraction >= 1 or rng.random() < short_fraction:
+        return f"{question} {SHORT_ANSWER_PROMPT}", short
+    return question, long
+
+
+def _image_turns(scene: Scene, rng: random.Random, rounds: int, short_fraction: float) -> list[Turn]:
     askers = rng.sample(IMAGE_QUESTIONS, rounds)
     asked = [asker(scene, rng) for asker in askers]
-    return [(question, long if long_answers else short) for question, short, long in asked]
+    return [_styled(rng, question, short, long, short_fraction) for question, short, long in asked]
 
 
-def _text_turns(rng: random.Random, rounds: int, long_answers: bool, exclude: set[str]) -> list[Turn]:
+def _text_turns(rng: random.Random, rounds: int, short_fraction: float, exclude: set[str]) -> list[Turn]:
     turns: list[Turn] = []
+    asked: set[str] = set()
     for _attempt in range(10_000):
         question, short, long = rng.choice(TEXT_QUESTIONS)(rng)
-        if question not in exclude and question not in {q for q, _ in turns}:
-            turns.append((question, long if long_answers else short))
+        if question not in exclude and question not in asked:
+            asked.add(question)
+            turns.append(_styled(rng, question, short, long, short_fraction))
             if len(turns) == rounds:
                 return turns
     raise ValueError(f"found no {rounds} text questions outside the {len(exclude)} excluded ones; "
@@ -270,10 +287,11 @@ def _chat_records(
     prefix: str,
     n: int,
     pool: list[tuple[str, Scene]],
-    long_answers: bool,
+    short_fraction: float,
     exclude_text: set[str],
 ) -> list[Record]:
-    """`n` question/answer records: ~15% text-only, the rest about the images of `pool`, in pool order."""
+    """`n` question/answer records: ~15% text-only, the rest about the images of `pool`, in pool
+    order; a `short_fraction` of the questions ask for (and get) a short answer."""
     n_image = image_record_count(n)
     n_text = n - n_image
     if n_image > len(pool):
@@ -290,17 +308,18 @@ def _chat_records(
         if kind.startswith("image"):
             relative, scene = next(images)
             record["image"] = relative
-            turns = _image_turns(scene, rng, rounds, long_answers)
+            turns = _image_turns(scene, rng, rounds, short_fraction)
             record["conversations"] = _conversations(turns, True, rng.random() < IMAGE_AT_END_FRACTION)
         else:
-            turns = _text_turns(rng, rounds, long_answers, exclude_text)
+            turns = _text_turns(rng, rounds, short_fraction, exclude_text)
             record["conversations"] = _conversations(turns, False, False)
         records.append(record)
     return records
 
 
 def _text_questions(records: list[Record]) -> set[str]:
-    return {turn["value"] for record in records if "image" not in record
+    """The text-only questions asked, without the short-answer instruction."""
+    return {turn["value"].removesuffix(f" {SHORT_ANSWER_PROMPT}") for record in records if "image" not in record
             for turn in record["conversations"] if turn["from"] == "human"}
 
 
@@ -338,10 +357,11 @@ def check_sizes(n_pretrain: int, n_finetune: int, n_heldout: int) -> None:
 def write_tiny_datasets(root: Path, seed: int, n_pretrain: int, n_finetune: int, n_heldout: int) -> TinyDataPaths:
     """Write the pretrain, recipe-1, recipe-2 and held-out splits (JSON + PNG) under `root`.
 
-    Recipe-1 (short answers, like bunny_695k) and recipe-2 (sentence answers, like
-    bunny_llava_1.4m) ask about the same pool of images under `finetune/images/train/`;
-    held-out records use fresh images under `finetune/images/heldout/` and text questions
-    that no training record asks.
+    Recipe-1 (short answers, like bunny_695k) and recipe-2 (half sentence answers, half short
+    ones asked for with `SHORT_ANSWER_PROMPT`, like bunny_llava_1.4m) ask about the same pool
+    of images under `finetune/images/train/`; held-out records (short answers, so that an
+    exact-match accuracy can score them) use fresh images under `finetune/images/heldout/` and
+    text questions that no training record asks.
     """
     check_sizes(n_pretrain, n_finetune, n_heldout)
     scenes = _SceneSource()
@@ -353,14 +373,14 @@ def write_tiny_datasets(root: Path, seed: int, n_pretrain: int, n_finetune: int,
     pool = [(f"train/{index:05d}.png", scenes.new(pool_rng)) for index in range(image_record_count(n_finetune))]
     recipe1_pool = random.Random(f"{seed}/recipe-1-order").sample(pool, len(pool))
     recipe2_pool = random.Random(f"{seed}/recipe-2-order").sample(pool, len(pool))
-    recipe1 = _chat_records(random.Random(f"{seed}/recipe-1"), "recipe1", n_finetune, recipe1_pool, False, set())
-    recipe2 = _chat_records(random.Random(f"{seed}/recipe-2"), "recipe2", n_finetune, recipe2_pool, True, set())
+    recipe1 = _chat_records(random.Random(f"{seed}/recipe-1"), "recipe1", n_finetune, recipe1_pool, 1.0, set())
+    recipe2 = _chat_records(random.Random(f"{seed}/recipe-2"), "recipe2", n_finetune, recipe2_pool, RECIPE2_SHORT_FRACTION, set())
 
     heldout_rng = random.Random(f"{seed}/heldout")
     heldout_pool = [(f"heldout/{index:05d}.png", scenes.new(heldout_rng))
                     for index in range(image_record_count(n_heldout))]
     seen_text = _text_questions(recipe1) | _text_questions(recipe2)
-    heldout = _chat_records(heldout_rng, "heldout", n_heldout, heldout_pool, False, seen_text)
+    heldout = _chat_records(heldout_rng, "heldout", n_heldout, heldout_pool, 1.0, seen_text)
 
     _save_images(pretrain_images, paths.pretrain_images)
     _save_images(dict(pool), paths.finetune_images)
