@@ -33,7 +33,14 @@ import torch
 from safetensors.torch import save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PHI3_CONFIG = Path("/work/shared/reference/phi-3-mini-4k-instruct.config.json")
+PHI3_CONFIG_NAME = "phi-3-mini-4k-instruct.config.json"
+
+
+def default_phi3_config() -> Path:
+    """The shared reference config in `../shared/reference/` beside the repository (for a
+    worktree under `wt/`, beside the folder that holds it)."""
+    candidates = [root / "shared" / "reference" / PHI3_CONFIG_NAME for root in REPO_ROOT.parents[:2]]
+    return next((path for path in candidates if path.is_file()), candidates[0])
 SHARD_BYTES = 10**9
 
 MODULE_ONLY = """
@@ -130,9 +137,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--json", type=Path, help="where to write the figures (default: print only)")
+    parser.add_argument("--phi3-config", type=Path, default=default_phi3_config(),
+                        help="Phi-3-mini config.json (default: ../shared/reference/)")
     args = parser.parse_args()
 
-    config = json.loads(PHI3_CONFIG.read_text())
+    config = json.loads(args.phi3_config.read_text())
     root = Path(tempfile.mkdtemp(prefix="average_bench_", dir=args.workdir))
     try:
         first, second = root / "recipe-1", root / "recipe-2"
