@@ -67,6 +67,8 @@ DEFAULT_TWO_WEIGHTS = (0.3, 0.7)
 # in cache between the read, the arithmetic and the write (measured fastest, 2**18..2**22).
 DEFAULT_CHUNK_ELEMENTS = 2**19
 WEIGHT_SUM_TOLERANCE = 1e-6
+# 16-bit floats whose bits, sign masked off, are at least this are NaN or inf.
+NONFINITE_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 MAX_HEADER_BYTES = 100 * 2**20
 MAX_LISTED_NAMES = 10
 
@@ -449,6 +451,13 @@ class StreamingAverager:
     def __init__(self, weights: Sequence[float], chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> None:
         self.weights = list(weights)
         self.chunk_elements = chunk_elements
+        # Two inputs whose weights sum to 1: w0·a + w1·b == lerp(a, b, w1), which torch
+        # computes for 16-bit floats in float32 and rounds once, in one fused pass.
+        self._lerp_weight = (
+            self.weights[1] / sum(self.weights)
+            if len(self.weights) == 2 and abs(sum(self.weights) - 1.0) <= WEIGHT_SUM_TOLERANCE
+            else None
+        )
         self._slots = [ChunkBuffers() for _ in range(self.SLOTS)]
         self._scratch = ChunkBuffers()
         self._fds: dict[Path, int] = {}
@@ -547,7 +556,9 @@ class StreamingAverager:
         inputs = [slot.get(f"input{i}", chunk.nbytes).view(dtype) for i in range(len(chunk.sources))]
         output_bytes = slot.get("output", chunk.nbytes)
         output = output_bytes.view(dtype)
-        if not widen:
+        if widen and self._lerp_weight is not None and dtype in NONFINITE_BITS:
+            torch.lerp(inputs[0], inputs[1], self._lerp_weight, out=output)
+        elif not widen:
             torch.mul(inputs[0], self.weights[0], out=output)
             for values, weight in zip(inputs[1:], self.weights[1:]):
                 output.add_(values, alpha=weight)
@@ -560,11 +571,23 @@ class StreamingAverager:
                 # Widen into a reused buffer: a mixed-dtype add_ would allocate one per call.
                 acc.add_(widened.copy_(values), alpha=weight)
             output.copy_(acc)
-        # NaN and inf survive a sum, so one cheap reduction screens the chunk; the exact
-        # search runs only when it fails (or when a huge but finite sum overflowed).
-        if not torch.isfinite(output.sum(dtype=acc_dtype)):
+        if not self._all_finite(output):
             self._check_finite(chunk, inputs, output)
         return output_bytes
+
+    def _all_finite(self, output: torch.Tensor) -> bool:
+        """A cheap screen of one chunk; the exact search runs only when it fails.
+
+        16-bit floats: a value is NaN or inf when its exponent bits are all set, so one mask
+        and one max over the raw bits decide (a float32 sum of 16-bit values converts every
+        element and costs 4x more). Wider floats: NaN and inf survive a sum (so does a huge
+        but finite sum that overflowed, which the exact search then clears)."""
+        exponent_bits = NONFINITE_BITS.get(output.dtype)
+        if exponent_bits is None:
+            return bool(torch.isfinite(output.sum()))
+        magnitude = self._scratch.get("magnitude", output.numel() * 2).view(torch.int16)
+        torch.bitwise_and(output.view(torch.int16), 0x7FFF, out=magnitude)
+        return int(magnitude.max()) < exponent_bits
 
     @staticmethod
     def _check_finite(chunk: Chunk, inputs: Sequence[torch.Tensor], output: torch.Tensor) -> None:

@@ -513,6 +513,27 @@ def test_non_finite_input_is_named_and_nothing_is_written(tmp_path: Path, dtype,
         average_checkpoints(folders, tmp_path / "avg", [0.999, 0.001])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sixteen_bit_screen_finds_negative_inf_and_overflow_on_every_path(tmp_path: Path, dtype) -> None:
+    """16-bit chunks are screened on their exponent bits: -inf in one of three inputs (the
+    float32 accumulator's path) is named, and so is a sum that only overflows on rounding
+    back to 16 bits (every input finite), on the two-input (fused) path as on the other."""
+    states = [random_state(seed, dtype) for seed in range(3)]
+    states[2]["lm_head.weight"].view(-1)[7] = -float("inf")
+    folders = [save_model(tmp_path / f"m{i}", s) for i, s in enumerate(states)]
+    assert_refused(tmp_path, folders, rf"tensor lm_head.weight holds inf \(element 7;",
+                   weights=[0.2, 0.3, 0.5], chunk_elements=64)
+    largest = torch.finfo(dtype).max
+    huge = [{name: torch.full_like(t, largest) for name, t in random_state(seed, dtype).items()}
+            for seed in range(2)]
+    folders = [save_model(tmp_path / f"huge{i}", s) for i, s in enumerate(huge)]
+    assert_refused(tmp_path, folders, rf"overflows {'F16' if dtype == torch.float16 else 'BF16'}",
+                   weights=[0.9, 0.9], allow_unnormalized=True)
+    # The same finite inputs with weights summing to 1 (the fused two-input path) average cleanly.
+    average_checkpoints(folders, tmp_path / "avg", [0.3, 0.7])
+    assert all(torch.equal(t, huge[0][name]) for name, t in load_output(tmp_path / "avg").items())
+
+
 def test_zero_weight_inputs_are_never_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     poisoned = {name: torch.full_like(t, float("nan")) for name, t in random_state(1, torch.float32).items()}
     clean = random_state(2, torch.float32)
