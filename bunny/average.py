@@ -68,8 +68,12 @@ DEFAULT_TWO_WEIGHTS = (0.3, 0.7)
 DEFAULT_CHUNK_ELEMENTS = 2**19
 WEIGHT_SUM_TOLERANCE = 1e-6
 # 16-bit floats whose bits, sign masked off, are at least this are NaN or inf.
-NONFINITE_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+NONFINITE_BITS = {"bfloat16": 0x7F80, "float16": 0x7C00}  # by dtype name: torch is imported lazily
 MAX_HEADER_BYTES = 100 * 2**20
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 MAX_LISTED_NAMES = 10
 
 
@@ -556,7 +560,7 @@ class StreamingAverager:
         inputs = [slot.get(f"input{i}", chunk.nbytes).view(dtype) for i in range(len(chunk.sources))]
         output_bytes = slot.get("output", chunk.nbytes)
         output = output_bytes.view(dtype)
-        if widen and self._lerp_weight is not None and dtype in NONFINITE_BITS:
+        if widen and self._lerp_weight is not None and _dtype_name(dtype) in NONFINITE_BITS:
             torch.lerp(inputs[0], inputs[1], self._lerp_weight, out=output)
         elif not widen:
             torch.mul(inputs[0], self.weights[0], out=output)
@@ -582,7 +586,9 @@ class StreamingAverager:
         and one max over the raw bits decide (a float32 sum of 16-bit values converts every
         element and costs 4x more). Wider floats: NaN and inf survive a sum (so does a huge
         but finite sum that overflowed, which the exact search then clears)."""
-        exponent_bits = NONFINITE_BITS.get(output.dtype)
+        import torch
+
+        exponent_bits = NONFINITE_BITS.get(_dtype_name(output.dtype))
         if exponent_bits is None:
             return bool(torch.isfinite(output.sum()))
         magnitude = self._scratch.get("magnitude", output.numel() * 2).view(torch.int16)
@@ -592,6 +598,8 @@ class StreamingAverager:
     @staticmethod
     def _check_finite(chunk: Chunk, inputs: Sequence[torch.Tensor], output: torch.Tensor) -> None:
         """Name the first input whose chunk holds NaN or inf; else refuse an overflowing sum."""
+        import torch
+
         for entry, values in zip(chunk.sources, inputs):
             bad = (~torch.isfinite(values)).nonzero()
             if len(bad):

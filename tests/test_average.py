@@ -556,6 +556,7 @@ def test_zero_weight_inputs_are_never_read(tmp_path: Path, monkeypatch: pytest.M
 
 RSS_PROBE = """
 import re, sys
+import safetensors.torch, torch  # imported lazily by bunny.average: their memory must not count
 from bunny.average import average_checkpoints
 
 def status(field):
