@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 DEBUG_ENV = "BUNNY_DEBUG"
 USAGE_EXIT_CODE = 2
@@ -65,3 +65,16 @@ def run_cli(
             raise
         sys.stderr.write(format_user_error(prog, error))
         return USAGE_EXIT_CODE
+
+
+def run_model_command(
+    prog: str, parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse the flags, silence transformers' per-model "Loading weights" bars (noise beside
+    the command's own progress), and run ``body(args)`` under :func:`run_cli`."""
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging  # after parsing: --help stays light
+
+    hf_logging.disable_progress_bar()
+    return run_cli(prog, lambda: body(args), debug=args.debug)

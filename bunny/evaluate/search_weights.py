@@ -14,9 +14,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers.utils import logging as hf_logging
 
-from bunny.cli import add_debug_flag, run_cli
+from bunny.cli import add_debug_flag, run_model_command
 from bunny.evaluate.evaluator import load_eval_data
 from bunny.evaluate.search import DEFAULT_GRID, answer_loss_scorer, check_grid, search_average_weights
 from bunny.fsutil import write_json_atomic
@@ -62,10 +61,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model: noise next to ours
-    return run_cli(PROG, lambda: _main(args), debug=args.debug)
+    return run_model_command(PROG, build_parser(), _main, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from bunny.cli import UserError, add_debug_flag, run_cli
+from bunny.cli import UserError, add_debug_flag, run_model_command
 from bunny.fsutil import write_text_atomic
 from bunny.generate.settings import DEFAULT_TEMPLATE, DTYPE_NAMES, GenerationSettings
 
@@ -101,9 +101,4 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model: noise next to ours
-    return run_cli(PROG, lambda: _main(args), debug=args.debug)
+    return run_model_command(PROG, build_parser(), _main, argv)
