@@ -51,14 +51,19 @@ def write_images(folder: Path, count: int, side: int, png_every: int) -> list[di
     return records
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def image_set_parser(description: str, repeats: int) -> argparse.ArgumentParser:
+    """The flags of a benchmark over a synthetic image set (also used by stage_start_bench)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--images", type=int, default=50_000)
     parser.add_argument("--side", type=int, default=64, help="image side in pixels")
     parser.add_argument("--png-every", type=int, default=10)
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = image_set_parser(__doc__.splitlines()[0], repeats=3).parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         started = time.perf_counter()

@@ -11,7 +11,6 @@ the record. Prints the medians and their ratio.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -22,20 +21,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from image_check_bench import write_images  # noqa: E402
+from image_check_bench import image_set_parser, write_images  # noqa: E402
 
 from bunny.data import load_records, validate_dataset  # noqa: E402
 from bunny.data.validation import validation_record_content, write_validation_record  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=50_000)
-    parser.add_argument("--side", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--png-every", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=1)
-    args = parser.parse_args(argv)
+    args = image_set_parser(__doc__.splitlines()[0], repeats=1).parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         started = time.perf_counter()
