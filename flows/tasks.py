@@ -209,7 +209,7 @@ def search_average_stage(job: SearchAverageJob, upstream: dict[str, Path]) -> Pa
     """The average with its weights chosen on the validation split; publishes the curve."""
 
     def body(inputs: dict[str, Path], logger: LoggerLike) -> float:
-        with DEVICE_LOCKS.hold(job.placement.devices, _waiting(job, logger)):
+        with hold_gpu_slots(job.placement.gpu_slots(), _waiting(job, logger)):
             seconds = _launch(job, job.command(inputs), job.environment(), logger)
         result = publish_weight_search(job)
         chosen = " / ".join(f"{w:.3g}" for w in result["weights"])
@@ -228,7 +228,7 @@ def evaluate_stage(job: EvaluateJob, upstream: dict[str, Path]) -> Path:
     def body(inputs: dict[str, Path], logger: LoggerLike) -> float:
         log = job.dir.next_log()
         seconds = 0.0
-        with DEVICE_LOCKS.hold(job.placement.devices, _waiting(job, logger)):
+        with hold_gpu_slots(job.placement.gpu_slots(), _waiting(job, logger)):
             for command in job.commands(inputs):
                 seconds += _launch(job, command, job.environment(), logger, log=log)
         publish_evaluation(job, write_results(job))
