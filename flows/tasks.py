@@ -69,6 +69,9 @@ def wait_for_upstream(job: StageJob, upstream: UpstreamFutures) -> dict[str, Pat
     """
     outputs: dict[str, Path] = {}
     for name, future in upstream.items():
+        if isinstance(future, Path):  # already resolved (a stage run by the per-stage flow)
+            outputs[name] = future
+            continue
         future.wait()
         if not future.state.is_completed():
             return Cancelled(name=NOT_RUN, message=f"{job.stage}: not run: {name} did not complete")

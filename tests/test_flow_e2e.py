@@ -176,8 +176,17 @@ def test_attempts_per_stage_are_in_the_rows_and_the_summary_artifact(pipeline_ru
     assert expected["recipe-2"] >= 2  # the injected failure
     assert {row["stage"]: row["attempts"] for row in pipeline_run["first"]} == expected
     assert {row["stage"]: row["attempts"] for row in pipeline_run["second"]} == expected  # skipped: as built
-    published = json.loads(Artifact.get("pipeline-summary").data)
-    assert {row["stage"]: row["attempts"] for row in published} == expected
+    published = markdown_rows(Artifact.get("pipeline-summary").data)
+    assert {stage: int(cells["attempts"]) for stage, cells in published.items()} == expected
+
+
+def markdown_rows(markdown: str) -> dict[str, dict[str, str]]:
+    """The rows of the first markdown table that has a `stage` column, by stage."""
+    lines = [line.strip() for line in markdown.splitlines() if line.strip().startswith("|")]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    header = next(row for row in cells if "stage" in row)
+    return {row[header.index("stage")]: dict(zip(header, row)) for row in cells
+            if len(row) == len(header) and row != header and not set(row[0]) <= set("-: ")}
 
 
 def test_a_flow_run_retry_skips_every_stage(pipeline_run):
