@@ -216,7 +216,7 @@ def test_evaluate_stage_publishes_every_model_on_every_set(evaluated_run):
     assert (root / EVALUATE / "answer-loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (root / EVALUATE / "accuracy.png").is_file()
     records = (root / EVALUATE / "output" / "test" / "pretrain" / "output" / "records.jsonl").read_text().splitlines()
-    assert len(records) == 16
+    assert len(records) == sizes["test"]
 
 
 @pytest.mark.slow
