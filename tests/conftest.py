@@ -46,3 +46,13 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def nested_tensors(tree, prefix: str = "") -> dict:
+    """Every tensor in a nested checkpoint structure (dicts, lists), by its path."""
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return {path: t for key, value in items for path, t in nested_tensors(value, f"{prefix}/{key}").items()}

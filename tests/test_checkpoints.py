@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from bunny.train.saving import load_trainable_state
-from conftest import run_deepspeed
+from conftest import nested_tensors, run_deepspeed
 
 STAGE_FLAGS = {
     "pretrain": lambda a: {"tune_mm_mlp_adapter": True, "data_path": a.pretrain_data, "image_folder": a.pretrain_images},
@@ -39,13 +39,6 @@ def _args(assets, stage: str, zero: str, output_dir: Path) -> list[str]:
         "report_to": "none", "seed": 0, **STAGE_FLAGS[stage](assets),
     }
     return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
-
-
-def _tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return {prefix: tree}
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
-    return {path: t for key, value in items for path, t in _tensors(value, f"{prefix}/{key}").items()}
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
@@ -89,8 +82,8 @@ def test_checkpoint_holds_only_trainables_and_resumes_bit_identical(tiny_assets,
         if stage == "pretrain":  # the resumed run trained: its projector left the checkpoint's
             start = _load(checkpoint / name)
             assert not all(torch.equal(got[key], start[key]) for key in got)
-    got = _tensors(_single(resumed / "checkpoint-4", "*optim_states.pt")["optimizer_state_dict"])
-    expected = _tensors(_single(reference / "checkpoint-4", "*optim_states.pt")["optimizer_state_dict"])
+    got = nested_tensors(_single(resumed / "checkpoint-4", "*optim_states.pt")["optimizer_state_dict"])
+    expected = nested_tensors(_single(reference / "checkpoint-4", "*optim_states.pt")["optimizer_state_dict"])
     assert got.keys() == expected.keys() and any("exp_avg_sq" in key for key in got)
     assert all(torch.equal(got[key], expected[key]) for key in got)
 

@@ -21,7 +21,7 @@ from bunny.evaluate.evaluator import answer_loss, answer_losses, load_eval_data
 from bunny.generate.loading import LoadedModel, load_model
 from bunny.model.builder import build_bunny_model
 from bunny.train.ds_config import SHIPPED
-from conftest import REPO, run_deepspeed
+from conftest import REPO, nested_tensors, run_deepspeed
 
 pytestmark = pytest.mark.slow
 TUTORIAL = Path(__file__).with_name("tutorial")
@@ -163,17 +163,9 @@ def _pretrain_args(assets, output_dir: Path) -> list[str]:
     return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
 
 
-def _tensors(tree, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor in a nested checkpoint structure, by its path."""
-    if isinstance(tree, torch.Tensor):
-        return {prefix: tree}
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
-    return {path: t for key, value in items for path, t in _tensors(value, f"{prefix}/{key}").items()}
-
-
 def _optimizer_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     (path,) = checkpoint.glob("global_step*/*optim_states.pt")
-    return _tensors(torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"])
+    return nested_tensors(torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"])
 
 
 def test_a_run_killed_between_checkpoints_resumes_to_the_same_weights_and_optimizer_state(tiny_assets, tmp_path):
