@@ -135,7 +135,7 @@ def _run_stages(config: PipelineConfig | MergeAverageConfig, jobs: Mapping[str, 
     get_run_logger().info(
         "stages: %s; to run: %s", ", ".join(jobs), ", ".join(pending) or "none (all complete)", extra=EVENT
     )
-    preflight_stage(config, pending)
+    preflight_stage(config, pending, {name: jobs[name].remote for name in pending if jobs[name].remote is not None})
     if any(isinstance(jobs[name], TrainJob) for name in pending) and not visible_gpus():
         ensure_cpu_comm_op(lambda message: get_run_logger().info("%s", message, extra=EVENT))
     return _finish(jobs, _submit(jobs))

@@ -24,7 +24,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelling, State
 
 from flows.launcher import stopping
-from flows.stages import StageJob
+from flows.stages import RemoteStage, StageJob
 
 POLL_SECONDS = 2.0
 CANCEL_WAIT_SECONDS = 120.0
@@ -32,6 +32,24 @@ CANCEL_WAIT_SECONDS = 120.0
 
 class RemoteStageError(RuntimeError):
     """The remote flow run of a stage did not complete."""
+
+
+def _missing_deployment(stage: str, target: RemoteStage) -> str:
+    return (f"{stage}: no deployment {target.deployment!r}: deploy the per-stage flow to work pool "
+            f"{target.work_pool!r} (deployments/README.md, 'Stages on other hosts')")
+
+
+def remote_deployment_problems(remotes: Mapping[str, RemoteStage]) -> list[str]:
+    """Stages (of `stage -> where it runs`) whose per-stage deployment the server lacks, so that
+    preflight names them before the first stage starts rather than when their turn comes."""
+    problems = []
+    with get_client(sync_client=True) as client:
+        for stage, target in remotes.items():
+            try:
+                client.read_deployment_by_name(target.deployment)
+            except ObjectNotFound:
+                problems.append(_missing_deployment(stage, target))
+    return problems
 
 
 @task(name="remote-stage", task_run_name="{job.stage}", cache_policy=NO_CACHE)
@@ -60,10 +78,7 @@ def remote_stage(job: StageJob, upstream: Mapping[str, PrefectFuture[Path]]) -> 
             timeout=0,
         )
     except ObjectNotFound as exc:
-        raise RemoteStageError(
-            f"{job.stage}: no deployment {target.deployment!r}: deploy the per-stage flow to work pool "
-            f"{target.work_pool!r} (deployments/README.md, 'Stages on other hosts')"
-        ) from exc
+        raise RemoteStageError(_missing_deployment(job.stage, target)) from exc
     logger.info("%s: runs on work pool %s as flow run %s", job.stage, target.work_pool, child.name)
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(child.id).state

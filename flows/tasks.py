@@ -42,9 +42,9 @@ from flows.markers import begin_attempt, mark_complete, read_json
 from flows.ports import HOST_PORTS, run_on_free_port
 from flows.preflight import PreflightError, run_merge_preflight, run_preflight
 from flows.evaluation import publish_evaluation, publish_weight_search, write_results
-from flows.remote import remote_stage
+from flows.remote import remote_deployment_problems, remote_stage
 from flows.slots import hold_gpu_slots
-from flows.stages import AverageJob, EvaluateJob, MergeJob, SearchAverageJob, StageJob, TrainJob
+from flows.stages import AverageJob, EvaluateJob, MergeJob, RemoteStage, SearchAverageJob, StageJob, TrainJob
 
 EVENT = {"bunny_event": True}  # marks the one-line stage reports (the demo prints only these)
 PREFLIGHT_PROGRESS_EVERY = 30.0  # seconds between preflight progress log lines
@@ -264,13 +264,19 @@ class PreflightProgress:
 
 
 @task(name="preflight", task_run_name="preflight", cache_policy=NO_CACHE)
-def preflight_stage(config: PipelineConfig | MergeAverageConfig, stages: list[str]) -> list[str]:
-    """Check what `stages` need before any of them starts; all problems in one error."""
+def preflight_stage(
+    config: PipelineConfig | MergeAverageConfig, stages: list[str], remotes: Mapping[str, RemoteStage] | None = None
+) -> list[str]:
+    """Check what `stages` need before any of them starts; all problems in one error.
+    `remotes`: the stages that run on other work pools, whose deployments must exist."""
     logger = get_run_logger()
     if isinstance(config, MergeAverageConfig):
         report = run_merge_preflight(config, stages)
     else:
         report = run_preflight(config, stages, visible_gpus(), PreflightProgress(logger))
+    if remotes:
+        pools = ", ".join(sorted({target.deployment for target in remotes.values()}))
+        report.check(f"per-stage deployments exist ({pools})", remote_deployment_problems(remotes))
     publish_preflight(report.markdown(stages))
     if report.problems:
         raise PreflightError(report.problems)
