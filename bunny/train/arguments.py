@@ -28,6 +28,8 @@ from bunny.train.ds_config import resolve_deepspeed_config
 logger = logging.getLogger(__name__)
 
 _RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
+if hasattr(transformers.TrainingArguments, "activation_checkpointing"):  # transformers >= 5.x deprecates the old name
+    _RENAMED_FLAGS["--gradient_checkpointing"] = "--activation_checkpointing"
 _CUDA_ONLY_FLAGS = ("--tf32", "--bf16", "--fp16")
 _LORA_ONLY_FLAGS = ("--lora_r", "--lora_alpha", "--lora_dropout", "--lora_bias", "--mm_projector_lr")
 

@@ -167,7 +167,10 @@ def build_trainer(argv: list[str]) -> BunnyTrainer:
     if train_args.zero3_layer_fetch:
         fetch_whole_layers_under_zero3(model)
     if train_args.gradient_checkpointing and train_args.gradient_checkpointing_kwargs is None:
-        train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        non_reentrant = {"use_reentrant": False}
+        train_args.gradient_checkpointing_kwargs = non_reentrant
+        if hasattr(train_args, "activation_checkpointing_kwargs"):  # the name transformers 5.x reads (no warning)
+            train_args.activation_checkpointing_kwargs = non_reentrant
 
     dataset = SupervisedDataset(
         data_args.data_path,
