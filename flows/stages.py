@@ -131,7 +131,9 @@ class TrainJob(StageJob):
 
     def environment(self) -> dict[str, str]:
         threads = {"OMP_NUM_THREADS": str(self.placement.cpu_threads)} if self.placement.cpu_threads else {}
-        return {**threads, **self.env}
+        # on the CPU path, name DeepSpeed's accelerator rather than let each process warn that it guessed it
+        cpu = {"DS_ACCELERATOR": "cpu"} if self.placement.on_cpu else {}
+        return {**threads, **cpu, **self.env}
 
 
 class MergeJob(StageJob):
