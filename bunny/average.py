@@ -1,12 +1,14 @@
 """Streaming weighted average of model folders (Bunny's final recipe-1/recipe-2 step).
 
 The tutorial loads whole shards of both models, averages them and saves the result, which
-needs three shards' worth of memory and identical shard layouts. Here every input tensor is
-read once by byte offset, in cache-sized chunks, into reused buffers; the weighted sum is
-accumulated in float32 (float64 for float64 inputs) and converted back to the input dtype;
-and the output's safetensors headers are computed up front so the bytes stream straight to
-disk, with reading and writing overlapped with the arithmetic. Peak memory is a few chunk
-buffers (a few MB), whatever the size of the model, of its shards or of its tensors.
+needs three shards' worth of memory and identical shard layouts. Here the input files are
+memory-mapped and every tensor is averaged in cache-sized chunks straight from the page cache
+(no copy; each chunk's pages are unmapped once averaged); the weighted sum is accumulated in
+float32 (float64 for float64 inputs) and converted back to the input dtype; and the output's
+safetensors headers are computed up front so the bytes stream to disk as they are computed
+(written back window by window, so the final fsync has little left), with faulting the inputs
+in and writing overlapped with the arithmetic. Peak memory is a few chunks (a few MB),
+whatever the size of the model, of its shards or of its tensors.
 
 Every check (weights, shard presence and integrity, tensor names, shapes, dtypes, the
 output path, the free space for every file written) runs before the first byte is written,
@@ -460,9 +462,9 @@ class ChunkBuffers:
 
 
 class StreamingAverager:
-    """Three-stage pipeline over chunks: a reader thread fills the next chunk's input buffers
-    while the calling thread averages the current one and a writer thread writes the previous
-    one. Each of the `SLOTS` buffer sets cycles through read -> average -> write.
+    """Three-stage pipeline over chunks: a reader thread maps and faults in the next chunk's
+    inputs while the calling thread averages the current one and a writer thread writes the
+    previous one. Each of the `SLOTS` buffer sets cycles through read -> average -> write.
 
     Chunks are cache-sized and the arithmetic runs single-threaded: with the two I/O threads
     sharing the CPU, that measured faster than torch's intra-op threads on large arrays."""
