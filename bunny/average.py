@@ -1,12 +1,14 @@
 """Streaming weighted average of model folders (Bunny's final recipe-1/recipe-2 step).
 
 The tutorial loads whole shards of both models, averages them and saves the result, which
-needs three shards' worth of memory and identical shard layouts. Here every input tensor is
-read once by byte offset, in cache-sized chunks, into reused buffers; the weighted sum is
-accumulated in float32 (float64 for float64 inputs) and converted back to the input dtype;
-and the output's safetensors headers are computed up front so the bytes stream straight to
-disk, with reading and writing overlapped with the arithmetic. Peak memory is a few chunk
-buffers (a few MB), whatever the size of the model, of its shards or of its tensors.
+needs three shards' worth of memory and identical shard layouts. Here the input files are
+memory-mapped and every tensor is averaged in cache-sized chunks straight from the page cache
+(no copy; each chunk's pages are unmapped once averaged); the weighted sum is accumulated in
+float32 (float64 for float64 inputs) and converted back to the input dtype; and the output's
+safetensors headers are computed up front so the bytes stream to disk as they are computed
+(written back window by window, so the final fsync has little left), with faulting the inputs
+in and writing overlapped with the arithmetic. Peak memory is a few chunks (a few MB),
+whatever the size of the model, of its shards or of its tensors.
 
 Every check (weights, shard presence and integrity, tensor names, shapes, dtypes, the
 output path, the free space for every file written) runs before the first byte is written,
@@ -26,14 +28,17 @@ generation config, ...) is copied alongside.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
+import mmap
 import os
 import re
 import shutil
 import struct
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,6 +48,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from bunny.cli import UserError, add_debug_flag, run_cli
 from bunny.fsutil import (
+    Writeback,
     atomic_output_dir,
     format_bytes,
     free_bytes,
@@ -70,6 +76,7 @@ WEIGHT_SUM_TOLERANCE = 1e-6
 # 16-bit floats whose bits, sign masked off, are at least this are NaN or inf.
 NONFINITE_BITS = {"bfloat16": 0x7F80, "float16": 0x7C00}  # by dtype name: torch is imported lazily
 MAX_HEADER_BYTES = 100 * 2**20
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python 3.11 lacks the name
 
 
 def _dtype_name(dtype) -> str:
@@ -374,6 +381,9 @@ class SafetensorsWriter:
         self.written_bytes = 0
         self._header = struct.pack("<Q", len(encoded)) + encoded
         self._handle: BinaryIO | None = None
+        # The disk writes the shard while it is computed: the final fsync only finds the tail.
+        self._writeback = Writeback()
+        self._writeback_checked = 0
 
     @property
     def file_size(self) -> int:
@@ -387,8 +397,14 @@ class SafetensorsWriter:
         return self._handle
 
     def write(self, data: memoryview) -> None:
-        self._open().write(data)
+        handle = self._open()
+        handle.write(data)
         self.written_bytes += data.nbytes
+        end = len(self._header) + self.written_bytes
+        if end - self._writeback_checked >= self._writeback.window:
+            handle.flush()  # the disk can only take what the OS has
+            self._writeback.wrote(handle.fileno(), end)
+            self._writeback_checked = end
 
     def abort(self) -> None:
         """Close without the completeness check (the folder is being thrown away). Never
@@ -427,11 +443,14 @@ class Chunk:
 
 
 class ChunkBuffers:
-    """Byte buffers for one chunk in flight (each input's bytes, the output's), grown to the
-    largest chunk seen and then reused, so the steady state allocates nothing."""
+    """Byte buffers for one chunk in flight (the output's, scratch), grown to the largest
+    chunk seen and then reused, so the steady state allocates nothing; and `inputs`, each
+    input's bytes of the chunk as views of the mapped input file (no copy)."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self.inputs: list[torch.Tensor] = []
+        self.regions: list[tuple[mmap.mmap, int, int]] = []  # (mapping, offset, bytes) of each
 
     def get(self, role: str, nbytes: int) -> torch.Tensor:
         buffer = self._buffers.get(role)
@@ -443,9 +462,9 @@ class ChunkBuffers:
 
 
 class StreamingAverager:
-    """Three-stage pipeline over chunks: a reader thread fills the next chunk's input buffers
-    while the calling thread averages the current one and a writer thread writes the previous
-    one. Each of the `SLOTS` buffer sets cycles through read -> average -> write.
+    """Three-stage pipeline over chunks: a reader thread maps and faults in the next chunk's
+    inputs while the calling thread averages the current one and a writer thread writes the
+    previous one. Each of the `SLOTS` buffer sets cycles through read -> average -> write.
 
     Chunks are cache-sized and the arithmetic runs single-threaded: with the two I/O threads
     sharing the CPU, that measured faster than torch's intra-op threads on large arrays."""
@@ -464,7 +483,8 @@ class StreamingAverager:
         )
         self._slots = [ChunkBuffers() for _ in range(self.SLOTS)]
         self._scratch = ChunkBuffers()
-        self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._can_populate = True
 
     def _steps(
         self, shards: Sequence[tuple[SafetensorsWriter, list[list[TensorEntry]]]]
@@ -491,9 +511,11 @@ class StreamingAverager:
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        with ThreadPoolExecutor(1, "average-read") as reader, ThreadPoolExecutor(
+        with warnings.catch_warnings(), ThreadPoolExecutor(1, "average-read") as reader, ThreadPoolExecutor(
             1, "average-write"
         ) as writer_pool:
+            # The inputs are mapped read-only, and nothing writes to them.
+            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
 
             def finish_oldest() -> None:
                 item = pending.popleft()
@@ -529,23 +551,66 @@ class StreamingAverager:
                 raise
             finally:
                 torch.set_num_threads(threads)
-                for fd in self._fds.values():
-                    os.close(fd)
-                self._fds.clear()
+                for slot in slots:
+                    slot.inputs.clear()  # the views die before their mappings
+                for mapped in self._maps.values():
+                    mapped.close()
+                self._maps.clear()
 
     def _read(self, chunk: Chunk, slot: ChunkBuffers) -> None:
+        """Point the slot's inputs at the chunk's bytes in each mapped input file, and fault
+        those pages in here, in the reader thread, while the previous chunk is averaged.
+
+        Mapping instead of reading saves copying every input byte out of the page cache (a
+        third of the CPU time); each chunk's pages are unmapped again once averaged
+        (`_release`), so the resident set stays a few chunks, not the model."""
+        import torch
+
         offset = chunk.first * chunk.info.itemsize
         sources = chunk.sources if chunk.info.is_float else chunk.sources[:1]
-        for index, entry in enumerate(sources):
-            buffer = memoryview(slot.get(f"input{index}", chunk.nbytes).numpy())
-            done = 0
-            while done < chunk.nbytes:
-                if entry.file not in self._fds:
-                    self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
-                got = os.preadv(self._fds[entry.file], [buffer[done:]], entry.start + offset + done)
-                if got == 0:
-                    raise AverageError(f"truncated shard {entry.file}: ran out of bytes in {entry.name}")
-                done += got
+        slot.inputs.clear()
+        slot.regions.clear()
+        for entry in sources:
+            mapped = self._map(entry.file)
+            start = entry.start + offset
+            if start + chunk.nbytes > len(mapped):
+                raise AverageError(f"truncated shard {entry.file}: ran out of bytes in {entry.name}")
+            slot.inputs.append(torch.frombuffer(mapped, dtype=torch.uint8, count=chunk.nbytes, offset=start))
+            slot.regions.append((mapped, start, chunk.nbytes))
+            self._populate(entry.file, mapped, start, chunk.nbytes)
+
+    def _map(self, path: Path) -> mmap.mmap:
+        mapped = self._maps.get(path)
+        if mapped is None:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                mapped = self._maps[path] = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)  # the mapping keeps the file
+        return mapped
+
+    def _populate(self, path: Path, mapped: mmap.mmap, start: int, nbytes: int) -> None:
+        """Fault a byte range in with one call (MADV_POPULATE_READ, Linux >= 5.14), rather
+        than one page fault per 64 KB in the arithmetic. A file cut short since its header
+        was checked fails here, with an error naming it, instead of a SIGBUS on access."""
+        if not self._can_populate:
+            return
+        first = start - start % mmap.PAGESIZE
+        try:
+            mapped.madvise(MADV_POPULATE_READ, first, start + nbytes - first)
+        except OSError as error:
+            if error.errno == errno.EFAULT:
+                raise AverageError(f"truncated shard {path}: it shrank while being averaged") from error
+            self._can_populate = False  # an older kernel: pages fault in on first access
+
+    @staticmethod
+    def _release(slot: ChunkBuffers) -> None:
+        """Unmap an averaged chunk's input pages (the page cache keeps them), but the last,
+        which the next chunk usually starts on: a page unmapped too early only faults in again."""
+        for mapped, start, nbytes in slot.regions:
+            first, last = start - start % mmap.PAGESIZE, (start + nbytes) - (start + nbytes) % mmap.PAGESIZE
+            if last > first:
+                mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def _average(self, chunk: Chunk, slot: ChunkBuffers) -> torch.Tensor:
         """Weighted sum of the slot's inputs into its output buffer; returns the bytes."""
@@ -553,11 +618,11 @@ class StreamingAverager:
 
         info = chunk.info
         if not info.is_float:  # validated identical in every input: pass through
-            return slot.get("input0", chunk.nbytes)
+            return slot.inputs[0]
         dtype = info.torch_dtype
         acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         widen = dtype != acc_dtype
-        inputs = [slot.get(f"input{i}", chunk.nbytes).view(dtype) for i in range(len(chunk.sources))]
+        inputs = [values.view(dtype) for values in slot.inputs]
         output_bytes = slot.get("output", chunk.nbytes)
         output = output_bytes.view(dtype)
         if widen and self._lerp_weight is not None and _dtype_name(dtype) in NONFINITE_BITS:
@@ -577,6 +642,7 @@ class StreamingAverager:
             output.copy_(acc)
         if not self._all_finite(output):
             self._check_finite(chunk, inputs, output)
+        self._release(slot)
         return output_bytes
 
     def _all_finite(self, output: torch.Tensor) -> bool:

@@ -602,3 +602,57 @@ def test_output_loads_with_transformers(tmp_path: Path) -> None:
     first, second = (m.state_dict() for m in models)
     for name, tensor in loaded.state_dict().items():
         torch.testing.assert_close(tensor, 0.3 * first[name] + 0.7 * second[name])
+
+
+def test_shards_go_to_disk_while_written_two_windows_at_most_dirty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each full window is queued for writeback as soon as it is written and the one before is
+    waited for, so the final fsync finds at most two windows left (not the whole model)."""
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(fsutil, "_sync_file_range", lambda: lambda fd, offset, length, flags: calls.append(
+        (offset, length, flags)))
+    monkeypatch.setattr(fsutil.Writeback.__init__, "__defaults__", (4096,))
+    states = [random_state(seed, torch.float32, {"a": (64, 64), "b": (3, 1000)}) for seed in (1, 2)]
+    folders = [save_model(tmp_path / f"m{i}", s) for i, s in enumerate(states)]
+    average_checkpoints(folders, tmp_path / "avg", chunk_elements=500)
+    write, wait = fsutil.Writeback.WRITE, fsutil.Writeback.WAIT_BEFORE | fsutil.Writeback.WRITE | fsutil.Writeback.WAIT_AFTER
+    queued = [(offset, length) for offset, length, flags in calls if flags == write]
+    waited = [(offset, length) for offset, length, flags in calls if flags == wait]
+    assert len(calls) == len(queued) + len(waited) and len(queued) >= 4
+    size = (tmp_path / "avg" / "model-00001-of-00001.safetensors").stat().st_size
+    assert queued[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(queued, queued[1:]))  # in order, no gap
+    assert all(n >= 4096 for _, n in queued) and size - sum(n for _, n in queued) < 4096 + 2000
+    assert waited == queued[:-1]  # each window is waited for once the next one is queued
+
+
+def test_writeback_without_kernel_support_leaves_it_to_fsync(tmp_path: Path, monkeypatch) -> None:
+    def unsupported(fd, offset, length, flags):
+        raise OSError(errno.EINVAL, "not here")
+
+    monkeypatch.setattr(fsutil, "_sync_file_range", lambda: unsupported)
+    writeback = fsutil.Writeback(window=10)
+    writeback.wrote(0, 100)
+    assert writeback.window == float("inf")
+    monkeypatch.setattr(fsutil, "_sync_file_range", lambda: lambda *args: (_ for _ in ()).throw(
+        OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        fsutil.Writeback(window=10).wrote(0, 100)
+
+
+def test_shard_cut_short_while_being_averaged_is_named(tmp_path: Path, monkeypatch) -> None:
+    """The inputs are mapped, not read: a shard truncated after its header was checked must
+    give an error naming it, not a SIGBUS that kills the process."""
+    states = [random_state(seed, torch.float32, {"a": (256, 256)}) for seed in (1, 2)]
+    folders = [save_model(tmp_path / f"m{i}", s) for i, s in enumerate(states)]
+    victim = folders[1] / "model.safetensors"
+    real_map = StreamingAverager._map
+
+    def map_then_truncate(self, path):
+        mapped = real_map(self, path)
+        if path == victim:
+            os.truncate(path, 4096)
+        return mapped
+
+    monkeypatch.setattr(StreamingAverager, "_map", map_then_truncate)
+    assert_refused(tmp_path, folders, rf"truncated shard {re.escape(str(victim))}: it shrank", chunk_elements=4096)
