@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -30,27 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bunny.tiny import make_tiny_assets  # noqa: E402
-from bunny.tiny.data import COLORS, SHAPES, SHORT_ANSWER_PROMPT, SIZE_FRACTIONS  # noqa: E402
+from bunny.tiny.data import QUESTION_KINDS, question_kind  # noqa: E402
 from flows.config import DEMO_PRETRAIN_STEPS, DEMO_RECIPE_STEPS  # noqa: E402
 
-# question -> how many answers a guesser chooses from (the tiny data's question kinds)
-QUESTION_KINDS: tuple[tuple[str, str, int], ...] = (
-    ("shape", r"^(What shape|Name the shape)", len(SHAPES)),
-    ("colour", r"^What color is the (shape|circle|square|triangle)\?$", len(COLORS)),
-    ("background", r"background", len(COLORS) - 1),
-    ("size", r"small or large|large or small", len(SIZE_FRACTIONS)),
-    ("presence", r"^Is there a", 2),
-)
 VALIDATION_SHARE = 1 / 3
-
-
-def question_kind(question: str) -> tuple[str, int] | None:
-    """The kind of an image question and its number of possible answers (None: open-ended)."""
-    question = question.replace("<image>", "").strip().removesuffix(SHORT_ANSWER_PROMPT).strip()
-    for kind, pattern, choices in QUESTION_KINDS:
-        if re.search(pattern, question):
-            return kind, choices
-    return None
 
 
 def split_heldout(heldout: Path, folder: Path) -> tuple[Path, Path]:

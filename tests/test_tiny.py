@@ -71,7 +71,7 @@ def test_reuse_marker_and_force(tmp_path: Path) -> None:
     built = make_tiny_assets(folder, seed=1, **SMALL)
     marker = folder / MARKER
     spec = json.loads(marker.read_text())["spec"]
-    assert spec == {"format": FORMAT_VERSION, "seed": 1, **SMALL}
+    assert spec == {"format": FORMAT_VERSION, "seed": 1, **SMALL, "pretrained": False}
     stamp = marker.stat().st_mtime_ns
 
     assert make_tiny_assets(folder, seed=1, **SMALL) == built
