@@ -143,7 +143,7 @@ def pretrain_tiny_llm(model, tokenizer, seed: int, size: int, steps: int = LLM_P
 def set_patch_features(tower) -> None:
     """Make a SiglipVisionModel's features (after its first encoder layer) each patch's mean
     colour and its quadrants' mean colours (15 channels, the rest zero)."""
-    embeddings = tower.vision_model.embeddings
+    embeddings = tower.embeddings
     conv = embeddings.patch_embedding
     patch = conv.kernel_size[0]
     half = patch // 2
@@ -156,7 +156,7 @@ def set_patch_features(tower) -> None:
     conv.weight.copy_(weight)
     conv.bias.zero_()
     embeddings.position_embedding.weight.zero_()
-    for layer in tower.vision_model.encoder.layers:  # each layer adds nothing to its input
+    for layer in tower.encoder.layers:  # each layer adds nothing to its input
         layer.self_attn.out_proj.weight.zero_()
         layer.self_attn.out_proj.bias.zero_()
         layer.mlp.fc2.weight.zero_()
