@@ -222,12 +222,12 @@ def _run(args: argparse.Namespace, workdir: Path, output_root: Path, started: fl
     _quiet_console()
 
     from bunny.tiny import make_tiny_assets
-    from flows.config import EvalSet, PipelineConfig
+    from flows.config import DEMO_PRETRAINED_ASSETS, EvalSet, PipelineConfig
     from flows.evaluation import RESULTS_TABLE, read_results, results_table
     from flows.pipeline import bunny_pipeline
 
     print(f"Building tiny assets in {workdir / 'assets'} ...", flush=True)
-    assets = make_tiny_assets(workdir / "assets")
+    assets = make_tiny_assets(workdir / "assets", pretrained=DEMO_PRETRAINED_ASSETS)
     config = PipelineConfig.demo(assets, output_root, steps=args.steps)
     if not config.eval_sets:  # judge every model on the tiny held-out questions (one- or two-word answers)
         heldout = EvalSet(name="heldout", data_path=assets.heldout_data, image_folder=assets.finetune_images)
