@@ -19,38 +19,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bunny.tiny import make_tiny_assets  # noqa: E402
-from bunny.tiny.data import COLORS, SHAPES, SHORT_ANSWER_PROMPT, SIZE_FRACTIONS  # noqa: E402
+from bunny.tiny.scoring import POOLED, accuracy_by_kind, chance_by_kind, kind_table  # noqa: E402
 from flows.config import DEMO_PRETRAIN_STEPS, DEMO_RECIPE_STEPS  # noqa: E402
 
-# question -> how many answers a guesser chooses from (the tiny data's question kinds)
-QUESTION_KINDS: tuple[tuple[str, str, int], ...] = (
-    ("shape", r"^(What shape|Name the shape)", len(SHAPES)),
-    ("colour", r"^What color is the (shape|circle|square|triangle)\?$", len(COLORS)),
-    ("background", r"background", len(COLORS) - 1),
-    ("size", r"small or large|large or small", len(SIZE_FRACTIONS)),
-    ("presence", r"^Is there a", 2),
-)
 VALIDATION_SHARE = 1 / 3
-
-
-def question_kind(question: str) -> tuple[str, int] | None:
-    """The kind of an image question and its number of possible answers (None: open-ended)."""
-    question = question.replace("<image>", "").strip().removesuffix(SHORT_ANSWER_PROMPT).strip()
-    for kind, pattern, choices in QUESTION_KINDS:
-        if re.search(pattern, question):
-            return kind, choices
-    return None
 
 
 def split_heldout(heldout: Path, folder: Path) -> tuple[Path, Path]:
@@ -72,32 +55,6 @@ def run_pipeline(workdir: Path, steps: int) -> float:
     if done.returncode != 0:
         raise SystemExit(f"the pipeline failed; see {workdir / 'demo.log'}")
     return time.perf_counter() - started
-
-
-def per_kind_accuracy(results) -> dict[str, dict[str, list[bool]]]:
-    """model -> question kind -> correctness of each first-turn greedy answer of that kind."""
-    table: dict[str, dict[str, list[bool]]] = {}
-    for result in results:
-        kinds = table.setdefault(result.summary.model, {})
-        for record in result.records:
-            found = question_kind(record.question)
-            if found and record.correct is not None:
-                kinds.setdefault(found[0], []).append(record.correct)
-                if found[0] in ("colour", "shape"):
-                    kinds.setdefault("colour+shape", []).append(record.correct)
-    return table
-
-
-def chance(results) -> dict[str, float]:
-    """Per question kind, a uniform guess's accuracy over the scored first-turn questions."""
-    odds: dict[str, list[float]] = {}
-    for record in results[0].records:
-        found = question_kind(record.question)
-        if found:
-            odds.setdefault(found[0], []).append(1 / found[1])
-            if found[0] in ("colour", "shape"):
-                odds.setdefault("colour+shape", []).append(1 / found[1])
-    return {kind: sum(values) / len(values) for kind, values in odds.items()}
 
 
 def main() -> int:
@@ -147,17 +104,12 @@ def main() -> int:
     print(f"\nheld-out test split ({test}):")
     print(summary_table([r.summary for r in results]), end="")
 
-    accuracy, odds = per_kind_accuracy(results), chance(results)
-    kinds = [kind for kind in (*[k for k, _, _ in QUESTION_KINDS], "colour+shape") if kind in odds]
+    records = {r.summary.model: [asdict(record) for record in r.records] for r in results}
     print("\naccuracy per question kind (first turns), chance = a uniform guess:")
-    print("| model | " + " | ".join(f"{k} ({len(accuracy[results[0].summary.model].get(k, []))})" for k in kinds) + " |")
-    print("| --- |" + " ---: |" * len(kinds))
-    print("| chance | " + " | ".join(f"{100 * odds[k]:.1f}%" for k in kinds) + " |")
-    for model, by_kind in accuracy.items():
-        cells = [f"{100 * sum(v) / len(v):.1f}%" if (v := by_kind.get(k)) else "-" for k in kinds]
-        print(f"| {model} | " + " | ".join(cells) + " |")
-    average = accuracy["average 0.3/0.7"].get("colour+shape", [])
-    ratio = (sum(average) / len(average)) / odds["colour+shape"] if average else 0.0
+    print(kind_table(records), end="")
+    average = accuracy_by_kind(records["average 0.3/0.7"]).get(POOLED, [])
+    odds = chance_by_kind(records["average 0.3/0.7"])
+    ratio = (sum(average) / len(average)) / odds[POOLED] if average else 0.0
     print(f"\naverage 0.3/0.7 on colour+shape: {ratio:.2f}x chance (target >= 3x)")
     return 0
 

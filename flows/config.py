@@ -444,6 +444,9 @@ DEMO_PRETRAIN_STEPS = 32
 DEMO_PRETRAIN_LR = 5e-3
 DEMO_RECIPE_STEPS = 64
 DEMO_RECIPE_LR = 1e-2
+# Whether the demo builds `bunny.tiny`'s pretrained assets (text-pretrained LLM, colour-carrying
+# tower features) instead of random ones: off until measured end to end (README, "The demo").
+DEMO_PRETRAINED_ASSETS = False
 
 
 class PipelineConfig(Strict):

@@ -162,6 +162,18 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         print("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
 
 
+def _print_kind_accuracy(evaluation: list[dict[str, Any]], output: Path) -> None:
+    """Greedy accuracy per kind of held-out image question, next to a uniform guess's."""
+    from bunny.tiny.scoring import kind_table, stage_records
+
+    for eval_set in dict.fromkeys(row["eval set"] for row in evaluation):
+        models = stage_records(output / eval_set, [row["model"] for row in evaluation if row["eval set"] == eval_set])
+        table = kind_table(models)
+        if table:
+            print(f"\nAccuracy per question kind on {eval_set} (first questions; chance = a uniform guess):")
+            print("  " + table.rstrip().replace("\n", "\n  "))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help=f"default ./{DEFAULT_WORKDIR}")
@@ -210,12 +222,12 @@ def _run(args: argparse.Namespace, workdir: Path, output_root: Path, started: fl
     _quiet_console()
 
     from bunny.tiny import make_tiny_assets
-    from flows.config import EvalSet, PipelineConfig
+    from flows.config import DEMO_PRETRAINED_ASSETS, EvalSet, PipelineConfig
     from flows.evaluation import RESULTS_TABLE, read_results, results_table
     from flows.pipeline import bunny_pipeline
 
     print(f"Building tiny assets in {workdir / 'assets'} ...", flush=True)
-    assets = make_tiny_assets(workdir / "assets")
+    assets = make_tiny_assets(workdir / "assets", pretrained=DEMO_PRETRAINED_ASSETS)
     config = PipelineConfig.demo(assets, output_root, steps=args.steps)
     if not config.eval_sets:  # judge every model on the tiny held-out questions (one- or two-word answers)
         heldout = EvalSet(name="heldout", data_path=assets.heldout_data, image_folder=assets.finetune_images)
@@ -237,6 +249,7 @@ def _run(args: argparse.Namespace, workdir: Path, output_root: Path, started: fl
     if evaluation:
         print(f"\nEvaluation ({output_root / 'evaluate' / 'output' / RESULTS_TABLE}):")
         print("  " + results_table(evaluation).rstrip().replace("\n", "\n  "))
+        _print_kind_accuracy(evaluation, output_root / "evaluate" / "output")
     print(f"\nAveraged model: {output_root / 'average' / 'output'}")
     print(f"Logs:           {output_root}/<stage>/logs/attempt-N.log")
     where = "in the UI above" if args.ui else "run `prefect server start`, then http://127.0.0.1:4200"

@@ -71,7 +71,7 @@ def test_reuse_marker_and_force(tmp_path: Path) -> None:
     built = make_tiny_assets(folder, seed=1, **SMALL)
     marker = folder / MARKER
     spec = json.loads(marker.read_text())["spec"]
-    assert spec == {"format": FORMAT_VERSION, "seed": 1, **SMALL}
+    assert spec == {"format": FORMAT_VERSION, "seed": 1, **SMALL, "pretrained": False}
     stamp = marker.stat().st_mtime_ns
 
     assert make_tiny_assets(folder, seed=1, **SMALL) == built
@@ -316,3 +316,75 @@ def test_the_question_says_which_answer_style_it_wants(assets: TinyAssets) -> No
     assert all(styles(assets.recipe1_data)) and all(styles(assets.heldout_data))
     recipe2 = styles(assets.recipe2_data)
     assert 0.3 < sum(recipe2) / len(recipe2) < 0.7
+
+
+# --- pretrained assets (the demo's) and the accuracy-per-kind table ----------------------------
+
+def test_patch_codes_mark_where_the_shape_is() -> None:
+    from bunny.tiny.data import Scene
+    from bunny.tiny.pretraining import patch_codes
+
+    # a red square over the right half of a 64x64 white image: columns 2-3 red, 0-1 white
+    scene = Scene("square", "red", "white", "large", 64, 64, (32, 0, 64, 64), (0, 0, 0))
+    codes = patch_codes(scene, pad=False, size=32)
+    assert [codes[row * 4:(row + 1) * 4] for row in range(4)] == [["white", "white", "red", "red"]] * 4
+    # padded to a square (96x48 -> 96x96): the top and bottom rows are the pad colour
+    wide = Scene("square", "blue", "black", "large", 96, 48, (0, 0, 96, 48), (0, 0, 0))
+    padded = patch_codes(wide, pad=True, size=32)
+    assert padded[:4] == ["pad"] * 4 and padded[-4:] == ["pad"] * 4 and set(padded[4:12]) == {"blue"}
+
+
+def test_tower_features_are_patch_colours() -> None:
+    from transformers import SiglipVisionModel
+
+    from bunny.model.vision_tower import VisionTower
+    from bunny.tiny.models import tiny_siglip_config
+    from bunny.tiny.pretraining import set_patch_features
+
+    tower = SiglipVisionModel(tiny_siglip_config())
+    set_patch_features(tower)
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    features = VisionTower(tower)(pixels)  # [2, 16, 32]: after the first encoder layer
+    patches = pixels.reshape(2, 3, 4, 8, 4, 8)
+    means = patches.mean(dim=(3, 5)).flatten(2).transpose(1, 2)  # [2, 16, 3]
+    top_left = patches[:, :, :, :4, :, :4].mean(dim=(3, 5)).flatten(2).transpose(1, 2)
+    assert torch.allclose(features[..., 0:3], 2 * means, atol=1e-5)
+    assert torch.allclose(features[..., 3:6], 2 * top_left, atol=1e-5)
+    assert features[..., 15:].abs().max() < 1e-6
+
+
+def test_llm_pretraining_lowers_the_text_loss() -> None:
+    from transformers import Phi3ForCausalLM
+
+    from bunny.tiny.models import tiny_phi3_config
+    from bunny.tiny.pretraining import CODE_TOKENS, pretrain_tiny_llm
+    from bunny.tiny.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    assert all(len(tokenizer.convert_tokens_to_ids([t])) == 1 and tokenizer.convert_tokens_to_ids(t) != tokenizer.unk_token_id
+               for t in CODE_TOKENS.values())
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(tiny_phi3_config(tokenizer))
+    figures = pretrain_tiny_llm(model, tokenizer, seed=0, size=32, steps=12)
+    assert figures["last_loss"] < figures["first_loss"] - 1.0
+
+
+def test_kind_table_states_chance_and_scores_each_kind() -> None:
+    from bunny.tiny.scoring import accuracy_by_kind, chance_by_kind, kind_table
+
+    short = f" {SHORT_ANSWER_PROMPT}"
+    records_ = [
+        {"question": f"<image>\nWhat color is the shape?{short}", "correct": True},
+        {"question": f"What color is the circle?{short}\n<image>", "correct": False},
+        {"question": f"<image>\nName the shape in the image.{short}", "correct": True},
+        {"question": f"<image>\nWhat color is the background?{short}", "correct": True},
+        {"question": f"What is 3 + 4?{short}", "correct": True},  # not an image question: no kind
+        {"question": f"<image>\nWhat shape is shown?{short}", "correct": None},  # unscored
+    ]
+    assert accuracy_by_kind(records_) == {"colour": [True, False], "shape": [True], "background": [True],
+                                          "colour+shape": [True, False, True]}
+    odds = chance_by_kind(records_)
+    assert odds["colour"] == 1 / len(COLORS) and odds["shape"] == 1 / len(SHAPES)
+    assert odds["colour+shape"] == pytest.approx((2 / 8 + 2 / 3) / 4)
+    table = kind_table({"model-a": records_})
+    assert "| chance | 33.3% | 12.5% | 14.3% |" in table and "| model-a | 100.0% | 50.0% | 100.0% | 66.7% |" in table

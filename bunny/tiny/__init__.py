@@ -22,7 +22,7 @@ from bunny.fsutil import atomic_output_dir
 from bunny.tiny.data import TinyDataPaths, check_sizes, write_tiny_datasets
 
 MARKER = "tiny_assets.json"
-FORMAT_VERSION = 3  # bump when the models or data change: older assets are rebuilt
+FORMAT_VERSION = 4  # bump when the models or data change: older assets are rebuilt
 LLM_DIR = "llm"
 VISION_TOWER_DIR = "vision_tower"
 DEFAULT_N_PRETRAIN = 128
@@ -65,7 +65,7 @@ def _file_sizes(root: Path) -> dict[str, int]:
             for path in sorted(root.rglob("*")) if path.is_file() and path.name != MARKER}
 
 
-def _why_not_reusable(root: Path, spec: dict[str, int]) -> str | None:
+def _why_not_reusable(root: Path, spec: dict[str, Any]) -> str | None:
     """Why `root` cannot be reused for `spec` (None when its marker records `spec` and every file is intact)."""
     try:
         marker = json.loads((root / MARKER).read_text(encoding="utf-8"))
@@ -91,11 +91,13 @@ def _is_older_format(root: Path) -> bool:
         return False
 
 
-def _build(root: Path, spec: dict[str, int]) -> None:
+def _build(root: Path, spec: dict[str, Any]) -> None:
     from bunny.tiny.models import save_tiny_llm, save_tiny_vision_tower  # torch: not for --help
+    from bunny.tiny.pretraining import LLM_PRETRAIN_STEPS
 
-    save_tiny_llm(root / LLM_DIR, spec["seed"])
-    save_tiny_vision_tower(root / VISION_TOWER_DIR, spec["seed"])
+    pretrained = bool(spec["pretrained"])
+    save_tiny_llm(root / LLM_DIR, spec["seed"], pretrain_steps=LLM_PRETRAIN_STEPS if pretrained else 0)
+    save_tiny_vision_tower(root / VISION_TOWER_DIR, spec["seed"], patch_features=pretrained)
     write_tiny_datasets(root, spec["seed"], spec["n_pretrain"], spec["n_finetune"], spec["n_heldout"])
     marker: dict[str, Any] = {"spec": spec, "files": _file_sizes(root)}
     (root / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
@@ -108,8 +110,14 @@ def make_tiny_assets(
     n_finetune: int = DEFAULT_N_FINETUNE,
     n_heldout: int = DEFAULT_N_HELDOUT,
     force: bool = False,
+    pretrained: bool = False,
 ) -> TinyAssets:
     """Build (or reuse) tiny assets in `folder`; the same seed gives the same bytes.
+
+    `pretrained` gives the LLM and the vision tower what real checkpoints start from
+    (`bunny.tiny.pretraining`: some seconds of text pre-training, colour-carrying patch
+    features), so that the demo's short training learns visibly; without it both are random,
+    which is enough to exercise the code and builds in a second.
 
     Reuses `folder` when its marker records the same seed and sizes, and rebuilds it when
     the marker records an older format. Refuses a non-empty `folder` that holds anything
@@ -118,7 +126,7 @@ def make_tiny_assets(
     check_sizes(n_pretrain, n_finetune, n_heldout)
     root = Path(folder).absolute()
     spec = {"format": FORMAT_VERSION, "seed": seed, "n_pretrain": n_pretrain,
-            "n_finetune": n_finetune, "n_heldout": n_heldout}
+            "n_finetune": n_finetune, "n_heldout": n_heldout, "pretrained": pretrained}
     if not force:
         if root.exists() and not root.is_dir():
             raise FileExistsError(f"{root} exists and is not a folder")
@@ -147,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-finetune", type=int, default=DEFAULT_N_FINETUNE, help="records per recipe")
     parser.add_argument("--n-heldout", type=int, default=DEFAULT_N_HELDOUT)
     parser.add_argument("--force", action="store_true", help="replace whatever the folder holds")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="pre-train the LLM and set the tower's patch features (the demo's assets)")
     parser.add_argument("--json", action="store_true", help="print the paths as one JSON object")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
@@ -157,7 +167,8 @@ def _build_and_print(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         assets = make_tiny_assets(args.out_dir, seed=args.seed, n_pretrain=args.n_pretrain,
-                                  n_finetune=args.n_finetune, n_heldout=args.n_heldout, force=args.force)
+                                  n_finetune=args.n_finetune, n_heldout=args.n_heldout, force=args.force,
+                                  pretrained=args.pretrained)
     except (FileExistsError, ValueError) as error:  # a folder in the way, sizes out of range
         raise UserError(str(error)) from error
     paths = {name: str(path) for name, path in asdict(assets).items()}

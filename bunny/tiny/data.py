@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,26 @@ def _ask_description(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
 IMAGE_QUESTIONS: tuple[Callable[[Scene, random.Random], tuple[str, str, str]], ...] = (
     _ask_shape, _ask_color, _ask_background, _ask_size, _ask_presence, _ask_description,
 )
+
+# What a uniform guess scores on each kind of image question: kind, how to recognise the
+# question (without the short-answer instruction), how many answers a guesser chooses from.
+QUESTION_KINDS: tuple[tuple[str, str, int], ...] = (
+    ("shape", r"^(What shape|Name the shape)", len(SHAPES)),
+    ("colour", r"^What color is the (shape|circle|square|triangle)\?$", len(COLORS)),
+    ("background", r"background", len(COLORS) - 1),
+    ("size", r"small or large|large or small", len(SIZE_FRACTIONS)),
+    ("presence", r"^Is there a", 2),
+)
+
+
+def question_kind(question: str) -> tuple[str, int] | None:
+    """The kind of an image question and its number of possible answers (None: open-ended or text-only)."""
+    question = question.replace(DEFAULT_IMAGE_TOKEN, "").strip().removesuffix(SHORT_ANSWER_PROMPT).strip()
+    for kind, pattern, choices in QUESTION_KINDS:
+        if re.search(pattern, question):
+            return kind, choices
+    return None
+
 
 # --- text-only questions: (question, short answer, long answer) ---------------------------------
 

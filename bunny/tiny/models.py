@@ -100,10 +100,12 @@ def _no_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def save_tiny_llm(folder: Path, seed: int) -> None:
-    """Save a randomly initialised tiny Phi-3 causal LM and its tokenizer (with BOS) in `folder`.
+def save_tiny_llm(folder: Path, seed: int, pretrain_steps: int = 0) -> None:
+    """Save a tiny Phi-3 causal LM and its tokenizer (with BOS) in `folder`.
 
-    Its `lm_head` is drawn at `LM_HEAD_INIT_STD` (see there), the rest at Phi-3's defaults.
+    Randomly initialised (its `lm_head` at `LM_HEAD_INIT_STD`, see there, the rest at Phi-3's
+    defaults), then, with `pretrain_steps`, pre-trained on text about patch grids
+    (`bunny.tiny.pretraining`).
     """
     tokenizer = build_tiny_tokenizer(add_bos=True)
     with torch.random.fork_rng(devices=[]):
@@ -111,17 +113,27 @@ def save_tiny_llm(folder: Path, seed: int) -> None:
         model = Phi3ForCausalLM(tiny_phi3_config(tokenizer))
         with torch.no_grad():
             model.lm_head.weight.normal_(0.0, LM_HEAD_INIT_STD)
+        if pretrain_steps:
+            from bunny.tiny.pretraining import pretrain_tiny_llm
+
+            pretrain_tiny_llm(model, tokenizer, seed, TINY_IMAGE_SIZE, pretrain_steps)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     with _no_progress_bars():
         model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
-def save_tiny_vision_tower(folder: Path, seed: int) -> None:
-    """Save a randomly initialised tiny SigLIP vision tower and its image processor in `folder`."""
+def save_tiny_vision_tower(folder: Path, seed: int, patch_features: bool = False) -> None:
+    """Save a tiny SigLIP vision tower and its image processor in `folder`: randomly
+    initialised, or (`patch_features`) with features that carry each patch's colours
+    (`bunny.tiny.pretraining.set_patch_features`)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         model = SiglipVisionModel(tiny_siglip_config())
+    if patch_features:
+        from bunny.tiny.pretraining import set_patch_features
+
+        set_patch_features(model)
     with _no_progress_bars():
         model.save_pretrained(folder)
     tiny_siglip_image_processor().save_pretrained(folder)
