@@ -443,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of trials (flow kills excepted) recovered with `prefect flow-run retry`")
     parser.add_argument("--evaluate", action="store_true", help="run the demo itself, evaluate stage included")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bunny-fault-trials"))
+    parser.add_argument("--only", type=int, nargs=2, metavar=("FIRST", "END"),
+                        help="run trials FIRST..END-1 of the schedule (several calls share one schedule)")
     parser.add_argument("--reuse-baseline", action="store_true",
                         help="take the uninterrupted run from an earlier call with the same --workdir")
     parser.add_argument("--run-pipeline", type=Path, help=argparse.SUPPRESS)  # a trial's flow process
@@ -484,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
 
     trials = schedule(args.trials, lives, rng, args.retry_share)
     rngs = [random.Random(rng.random()) for _ in trials]  # each trial's victim draw, whatever the order
+    if args.only:
+        trials = trials[args.only[0]:args.only[1]]
     print_lock = threading.Lock()
     loads: list[float] = []
 
