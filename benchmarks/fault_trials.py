@@ -1,22 +1,29 @@
 """Fault trials: SIGKILL a random process of a running pipeline, recover as a user would, check.
 
-On the tiny CPU pipeline (`python -m flows.demo`, few steps), each trial:
+On the tiny CPU pipeline (the demo's config, few steps), the script first runs the pipeline
+uninterrupted and watches which kinds of process live when. Then each trial:
 
-1. starts the demo in a fresh work folder (the tiny assets are copied, not rebuilt);
-2. at a random moment, SIGKILLs one process chosen at random among those of the run's tree
-   that exist then: the flow process, a stage supervisor, the deepspeed launcher, a training
-   rank, a merge or an average process;
+1. starts the pipeline in a fresh work folder (the tiny assets are copied, not rebuilt);
+2. SIGKILLs one process of the run's tree at a random moment of the life of the kind drawn for
+   the trial: the flow process, a stage supervisor, the deepspeed launcher, a training rank, a
+   merge or an average process (every kind is drawn at least twice in 12+ trials);
 3. lets the run end by itself (a task retry may absorb the kill), then checks that no process
    of the run is left and that every folder that looks complete is complete;
-4. recovers the way a user would: runs the same command again in the same folder;
+4. recovers the way a user would: runs the same command again in the same folder, or, for
+   some trials whose flow process survived, `prefect flow-run retry RUN --entrypoint ...`
+   against the run's own Prefect database;
 5. checks that the pipeline finishes, that no stage completed before the recovery ran again
    (its complete-marker is unchanged and it has no new attempt log), that no process is left,
    and that the averaged weights equal those of an uninterrupted run with the same seed
    (bit-identical; otherwise the largest absolute difference is printed).
 
+The runs skip the evaluate stage (it scores the models, it writes nothing the average needs)
+unless `--evaluate`, which runs `python -m flows.demo` itself. `--jobs 2` runs two trials at a
+time, each in its own folder with its own Prefect database.
+
 It prints one row per trial and a summary; the exit status is 1 if any trial failed.
 
-    python benchmarks/fault_trials.py --trials 20 --workdir /tmp/fault-trials
+    python benchmarks/fault_trials.py --trials 20 --steps 2 --jobs 2 --workdir /tmp/fault-trials
 """
 
 from __future__ import annotations
@@ -25,11 +32,14 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +51,7 @@ from bunny.average import AverageError, _read_bytes, read_checkpoint  # noqa: E4
 STAGES = ("pretrain", "recipe-1", "recipe-2", "merge-recipe-1", "merge-recipe-2", "average")
 COMPLETE_MARKER = "stage-complete.json"
 TRAINING_COMPLETE = "training_complete.json"
+VICTIM_KINDS = ("flow", "supervisor", "launcher", "rank", "merge", "average")
 KINDS = {  # what a process is, from its command line (first match wins)
     "supervisor": "flows/supervisor.py",
     "launcher": "deepspeed.launcher",
@@ -48,50 +59,111 @@ KINDS = {  # what a process is, from its command line (first match wins)
     "merge": "bunny.merge",
     "average": "bunny.average",
 }
+FLOW_ENTRYPOINT = "flows/pipeline.py:bunny_pipeline"
 RUN_TIMEOUT = 1800.0
 LEFTOVER_GRACE = 15.0  # seconds the supervisors get to reap their groups after the run ends
+WATCH_SECONDS = 0.2
 
 
 @dataclass
 class Trial:
     index: int
-    delay: float
+    kind: str  # the kind of process drawn to be killed
+    delay: float  # seconds after the start before which nothing is killed
+    recovery: str  # "re-run" or "retry"
     victim: str = "-"
+    killed_at: float | None = None
     interrupted_rc: int | None = None
     recovered_rc: int | None = None
+    redone: list[str] = field(default_factory=list)  # stages the recovery ran
+    resumed: list[str] = field(default_factory=list)  # training stages that resumed from a checkpoint
     problems: list[str] = field(default_factory=list)
     max_abs_diff: float | None = None
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def demo_command(workdir: Path, steps: int) -> list[str]:
-    return [sys.executable, "-m", "flows.demo", "--workdir", str(workdir), "--steps", str(steps)]
+def environment(workdir: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PREFECT_HOME": str(workdir / "prefect-home"),  # the run's own Prefect database
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}  # a loaded machine starts it slowly
 
 
-def start_demo(workdir: Path, steps: int, log_name: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PREFECT_HOME": str(workdir.parent / "prefect-home"),  # the trials' own Prefect database
-           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}  # a loaded machine starts it slowly
+def pipeline_command(workdir: Path, steps: int, evaluate: bool) -> list[str]:
+    if evaluate:
+        return [sys.executable, "-m", "flows.demo", "--workdir", str(workdir), "--steps", str(steps)]
+    return [sys.executable, __file__, "--run-pipeline", str(workdir), "--steps", str(steps)]
+
+
+def start(command: list[str], workdir: Path, log_name: str) -> subprocess.Popen:
+    (workdir / "prefect-home").mkdir(exist_ok=True)
     log = open(workdir / log_name, "ab")
-    return subprocess.Popen(demo_command(workdir, steps), cwd=REPO_ROOT, env=env, stdout=log,
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=environment(workdir), stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def run_pipeline(workdir: Path, steps: int) -> int:
+    """The trials' flow process: the demo's pipeline without its evaluate stage."""
+    from flows.demo import TemporaryServer, _send_queued_logs_and_events
+
+    server = TemporaryServer(workdir / "prefect-server.log")
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        from bunny.tiny import make_tiny_assets
+        from flows.config import PipelineConfig
+        from flows.pipeline import bunny_pipeline
+
+        config = PipelineConfig.demo(make_tiny_assets(workdir / "assets"), workdir / "pipeline", steps=steps)
+        server.wait_healthy()
+        try:
+            bunny_pipeline(config)
+        except Exception as exc:
+            print(f"The pipeline failed: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        _send_queued_logs_and_events()
+        server.stop()
+
+
+def retry_flow_run(workdir: Path, run_name: str) -> int:
+    """`prefect flow-run retry` on the run's own database, under a temporary server."""
+    from flows.demo import TemporaryServer
+
+    server = TemporaryServer(workdir / "prefect-server.log")
+    server.start()
+    try:
+        server.wait_healthy()
+        env = {**os.environ, "PREFECT_API_URL": server.api_url}
+        command = [sys.executable, "-m", "prefect", "flow-run", "retry", run_name, "--entrypoint", FLOW_ENTRYPOINT]
+        return subprocess.call(command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL)
+    finally:
+        server.stop()
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2:].split()  # state ppid pgrp ... (field 3 on)
+
+
+def identity(pid: int) -> tuple[int, int] | None:
+    """(pid, start time): stays unique when a pid is reused."""
+    fields = _stat_fields(pid)
+    return None if fields is None or fields[0] == b"Z" else (pid, int(fields[19]))
 
 
 def _proc_children() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_bytes()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if fields and fields[0] != b"Z":
+        if entry.isdigit() and (fields := _stat_fields(int(entry))) and fields[0] != b"Z":
             children.setdefault(int(fields[1]), []).append(int(entry))
     return children
 
@@ -117,34 +189,50 @@ def kind_of(pid: int, flow_pid: int) -> str | None:
     if pid == flow_pid:
         return "flow"
     command = _cmdline(pid)
+    if "prefect server start" in command:
+        return None  # the temporary Prefect server and its supervisor: not a stage's process
     return next((kind for kind, needle in KINDS.items() if needle in command), None)
 
 
-def processes_of_run(workdir: Path) -> list[int]:
+def alive(identities: set[tuple[int, int]]) -> list[tuple[int, int]]:
+    return sorted(i for i in identities if identity(i[0]) == i)
+
+
+def processes_of_run(workdir: Path) -> set[tuple[int, int]]:
     """Live processes whose command line or working folder mentions the run's folder."""
-    mine, marker = [], str(workdir)
+    mine, marker = set(), str(workdir) + "/"
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            cwd = os.readlink(f"/proc/{entry}/cwd")
+            cwd = os.readlink(f"/proc/{entry}/cwd") + "/"
         except OSError:
             cwd = ""
-        if marker in _cmdline(int(entry)) or cwd.startswith(marker):
-            state = Path(f"/proc/{entry}/stat").read_bytes() if Path(f"/proc/{entry}/stat").exists() else b""
-            if b") Z " not in state:
-                mine.append(int(entry))
+        if (marker in _cmdline(int(entry)) + " " or cwd.startswith(marker)) and (i := identity(int(entry))):
+            mine.add(i)
     return mine
 
 
-def wait_gone(workdir: Path, extra: set[int], timeout: float) -> list[int]:
+def wait_gone(workdir: Path, seen: set[tuple[int, int]], timeout: float) -> list[tuple[int, int]]:
     deadline = time.monotonic() + timeout
     while True:
-        left = sorted(set(processes_of_run(workdir)) | {p for p in extra if Path(f"/proc/{p}").exists()
-                                                          and b") Z " not in Path(f"/proc/{p}/stat").read_bytes()})
+        left = sorted(processes_of_run(workdir) | set(alive(seen)))
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.5)
+
+
+def kill_left(left: list[tuple[int, int]]) -> None:
+    for pid, started in left:
+        if identity(pid) == (pid, started):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def describe(left: list[tuple[int, int]]) -> str:
+    return str([(pid, _cmdline(pid)[:80]) for pid, _ in left])
 
 
 def completed_stages(root: Path) -> dict[str, tuple[str, list[str]]]:
@@ -153,9 +241,18 @@ def completed_stages(root: Path) -> dict[str, tuple[str, list[str]]]:
     for stage in STAGES:
         marker = root / stage / COMPLETE_MARKER
         if marker.is_file():
-            logs = sorted(p.name for p in (root / stage / "logs").glob("attempt-*.log"))
-            done[stage] = (marker.read_text(), logs)
+            done[stage] = (marker.read_text(), attempt_logs(root, stage))
     return done
+
+
+def attempt_logs(root: Path, stage: str) -> list[str]:
+    return sorted(p.name for p in (root / stage / "logs").glob("attempt-*.log"))
+
+
+def resumed_stages(root: Path) -> list[str]:
+    """Training stages one of whose attempts resumed from a checkpoint."""
+    return [stage for stage in STAGES[:3]
+            if any("resuming from" in log.read_text(errors="replace") for log in (root / stage / "logs").glob("attempt-*.log"))]
 
 
 def incomplete_looking_complete(root: Path) -> list[str]:
@@ -188,11 +285,14 @@ def averaged_tensors(root: Path) -> dict[str, bytes]:
 def max_abs_diff(a: dict[str, bytes], b: dict[str, bytes], root: Path) -> float:
     import torch
 
+    from bunny.average import SAFETENSORS_DTYPES
+
     checkpoint = read_checkpoint(root / "average" / "output")
     worst = 0.0
     for name, entry in checkpoint.tensors.items():
+        if name not in b:
+            return float("inf")
         if a[name] != b[name]:
-            from bunny.average import SAFETENSORS_DTYPES
             dtype = SAFETENSORS_DTYPES[entry.dtype].torch_dtype
             x = torch.frombuffer(bytearray(a[name]), dtype=dtype).double()
             y = torch.frombuffer(bytearray(b[name]), dtype=dtype).double()
@@ -200,126 +300,222 @@ def max_abs_diff(a: dict[str, bytes], b: dict[str, bytes], root: Path) -> float:
     return worst
 
 
-def run_to_end(workdir: Path, steps: int, log_name: str) -> int:
-    process = start_demo(workdir, steps, log_name)
-    try:
-        return process.wait(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        return -1
+def watch(process: subprocess.Popen, seen: set[tuple[int, int]], lives: dict[str, list[float]] | None = None,
+          started: float | None = None) -> int:
+    """Wait for `process`, adding every member of its tree to `seen` (and, given `lives`, the first
+    and last moment each kind of process was alive); its exit status, -1 after RUN_TIMEOUT."""
+    started = time.monotonic() if started is None else started
+    while process.poll() is None:
+        now = time.monotonic() - started
+        if now > RUN_TIMEOUT:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return -1
+        for pid in tree(process.pid):
+            if (i := identity(pid)) is not None:
+                seen.add(i)
+                if lives is not None and (kind := kind_of(pid, process.pid)):
+                    life = lives.setdefault(kind, [now, now])
+                    life[1] = now
+        time.sleep(WATCH_SECONDS)
+    return process.returncode
 
 
-def run_trial(trial: Trial, base: Path, assets: Path, steps: int, reference: dict[str, bytes],
+def flow_run_name(log: Path) -> str | None:
+    found = re.findall(r"Flow run '([\w-]+)'", log.read_text(errors="replace"))
+    return found[0] if found else None
+
+
+def run_trial(trial: Trial, base: Path, assets: Path, steps: int, evaluate: bool, reference: dict[str, bytes],
               rng: random.Random) -> None:
+    started = time.monotonic()
     workdir = base / f"trial-{trial.index:02d}"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     shutil.copytree(assets, workdir / "assets", symlinks=True)
     root = workdir / "pipeline"
-    process = start_demo(workdir, steps, "interrupted.log")
-    seen: set[int] = set()
-    deadline = time.monotonic() + trial.delay
-    while time.monotonic() < deadline and process.poll() is None:
-        seen.update(tree(process.pid))
-        time.sleep(0.2)
-    if process.poll() is None:
+    process = start(pipeline_command(workdir, steps, evaluate), workdir, "interrupted.log")
+    seen: set[tuple[int, int]] = set()
+    while process.poll() is None:  # from the drawn moment on, kill the first process of the drawn kind
+        now = time.monotonic() - started
         members = tree(process.pid)
-        seen.update(members)
-        candidates = [(pid, kind) for pid in members if (kind := kind_of(pid, process.pid))]
-        if candidates:
-            pid, kind = rng.choice(candidates)
-            trial.victim = kind
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                trial.victim += " (gone)"
+        seen.update(i for pid in members if (i := identity(pid)))
+        if now >= trial.delay:
+            candidates = [pid for pid in members if kind_of(pid, process.pid) == trial.kind]
+            if candidates:
+                pid = rng.choice(candidates)
+                trial.victim, trial.killed_at = trial.kind, now
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    trial.victim += " (gone)"
+                break
+        time.sleep(WATCH_SECONDS)
     else:
-        trial.victim = "(run ended first)"
-    try:
-        trial.interrupted_rc = process.wait(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
+        trial.victim = "(none alive)"
+    trial.interrupted_rc = watch(process, seen)
+    if trial.interrupted_rc == -1:
         trial.problems.append("the interrupted run did not end")
-        os.killpg(process.pid, signal.SIGKILL)
     left = wait_gone(workdir, seen, LEFTOVER_GRACE)
     if left:
-        trial.problems.append(f"processes left after the kill: {[(p, _cmdline(p)[:60]) for p in left]}")
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        trial.problems.append(f"processes left after the kill: {describe(left)}")
+        kill_left(left)
     trial.problems += incomplete_looking_complete(root)
     before = completed_stages(root)
+    logs_before = {stage: attempt_logs(root, stage) for stage in STAGES}
 
-    trial.recovered_rc = run_to_end(workdir, steps, "recovery.log")
+    run_name = flow_run_name(workdir / "interrupted.log") if trial.recovery == "retry" else None
+    if trial.recovery == "retry" and (trial.kind == "flow" or run_name is None):
+        trial.recovery = "re-run"  # a SIGKILLed flow process leaves its run "Running": not retryable
+    if trial.recovery == "retry":
+        command = [sys.executable, __file__, "--retry", str(workdir), run_name]
+    else:
+        command = pipeline_command(workdir, steps, evaluate)
+    seen = set()
+    trial.recovered_rc = watch(start(command, workdir, "recovery.log"), seen)
     if trial.recovered_rc != 0:
-        trial.problems.append(f"the recovery run failed (status {trial.recovered_rc}; see {workdir}/recovery.log)")
+        trial.problems.append(f"the recovery failed (status {trial.recovered_rc}; see {workdir}/recovery.log)")
     after = completed_stages(root)
+    trial.redone = [stage for stage in STAGES if attempt_logs(root, stage) != logs_before[stage]]
     for stage, (marker, logs) in before.items():
         if after.get(stage, (None, None))[0] != marker or after[stage][1] != logs:
             trial.problems.append(f"{stage} was complete before the recovery and ran again")
-    left = wait_gone(workdir, set(), LEFTOVER_GRACE)
+    left = wait_gone(workdir, seen, LEFTOVER_GRACE)
     if left:
-        trial.problems.append(f"processes left after the recovery: {left}")
+        trial.problems.append(f"processes left after the recovery: {describe(left)}")
+        kill_left(left)
     trial.problems += incomplete_looking_complete(root)
     if trial.recovered_rc == 0:
-        result = averaged_tensors(root)
-        if result != reference:
-            trial.max_abs_diff = max_abs_diff(result, reference, root)
-            trial.problems.append(f"averaged weights differ from the uninterrupted run's "
-                                  f"(max |diff| {trial.max_abs_diff:.3g})")
+        try:
+            result = averaged_tensors(root)
+        except (AverageError, OSError) as exc:
+            trial.problems.append(f"no averaged model after the recovery: {exc}")
         else:
-            trial.max_abs_diff = 0.0
-    if trial.ok:
-        shutil.rmtree(workdir, ignore_errors=True)
+            trial.max_abs_diff = 0.0 if result == reference else max_abs_diff(result, reference, root)
+            if trial.max_abs_diff != 0.0:
+                trial.problems.append(f"averaged weights differ from the uninterrupted run's "
+                                      f"(max |diff| {trial.max_abs_diff:.3g})")
+    trial.resumed = resumed_stages(root)
+    trial.seconds = time.monotonic() - started
+    if trial.ok:  # keep the logs only
+        shutil.rmtree(workdir / "assets", ignore_errors=True)
+        for output in root.glob("*/output"):
+            shutil.rmtree(output, ignore_errors=True)
+
+
+def schedule(count: int, lives: dict[str, list[float]], rng: random.Random, retry_share: float) -> list[Trial]:
+    """Each trial's kind (every kind twice while trials last, then uniformly drawn, shuffled), a
+    moment drawn in that kind's life in the uninterrupted run, and its recovery."""
+    kinds = [kind for kind in VICTIM_KINDS for _ in range(2)][:count]
+    kinds += [rng.choice(VICTIM_KINDS) for _ in range(count - len(kinds))]
+    rng.shuffle(kinds)
+    trials = []
+    for index, kind in enumerate(kinds):
+        first, last = lives[kind]
+        delay = rng.uniform(first, first + 0.9 * (last - first))  # not the last moments: a faster run ends them
+        recovery = "retry" if kind != "flow" and rng.random() < retry_share else "re-run"
+        trials.append(Trial(index, kind, delay, recovery))
+    return trials
+
+
+def row(trial: Trial) -> str:
+    diff = "-" if trial.max_abs_diff is None else f"{trial.max_abs_diff:.3g}"
+    killed = "-" if trial.killed_at is None else f"{trial.killed_at:.0f}s"
+    redone = ",".join(trial.redone) or "-"
+    resumed = ",".join(trial.resumed) or "-"
+    result = "ok" if trial.ok else "FAIL: " + "; ".join(trial.problems)
+    return (f"{trial.index:>5}  {trial.kind:<10} {killed:>7}  {trial.victim:<14} {trial.interrupted_rc!s:>4}  "
+            f"{trial.recovery:<7} {trial.recovered_rc!s:>4}  {redone:<40} {resumed:<26} {diff:>9}  {trial.seconds:>5.0f}s  {result}")
+
+
+HEADER = (f"{'trial':>5}  {'kind':<10} {'killed':>7}  {'victim':<14} {'rc':>4}  {'recover':<7} {'rc2':>4}  "
+          f"{'stages the recovery ran':<40} {'resumed from a checkpoint':<26} {'max|diff|':>9}  {'time':>6}  result")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per training stage")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="optimizer steps per training stage (2: a checkpoint after step 1 to resume from)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
+    parser.add_argument("--jobs", type=int, default=1, help="trials run at the same time")
+    parser.add_argument("--retry-share", type=float, default=0.3,
+                        help="share of trials (flow kills excepted) recovered with `prefect flow-run retry`")
+    parser.add_argument("--evaluate", action="store_true", help="run the demo itself, evaluate stage included")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bunny-fault-trials"))
+    parser.add_argument("--only", type=int, nargs=2, metavar=("FIRST", "END"),
+                        help="run trials FIRST..END-1 of the schedule (several calls share one schedule)")
+    parser.add_argument("--reuse-baseline", action="store_true",
+                        help="take the uninterrupted run from an earlier call with the same --workdir")
+    parser.add_argument("--run-pipeline", type=Path, help=argparse.SUPPRESS)  # a trial's flow process
+    parser.add_argument("--retry", nargs=2, metavar=("WORKDIR", "RUN"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.run_pipeline:
+        return run_pipeline(args.run_pipeline.absolute(), args.steps)
+    if args.retry:
+        return retry_flow_run(Path(args.retry[0]), args.retry[1])
     base = args.workdir.absolute()
     base.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
 
     baseline = base / "baseline"
-    shutil.rmtree(baseline, ignore_errors=True)
-    baseline.mkdir()
-    started = time.monotonic()
-    rc = run_to_end(baseline, args.steps, "run.log")
-    baseline_seconds = time.monotonic() - started
-    if rc != 0:
-        print(f"the uninterrupted run failed (status {rc}); see {baseline}/run.log", file=sys.stderr)
+    recorded = baseline / "lives.json"
+    if args.reuse_baseline and recorded.is_file():
+        lives, baseline_seconds = json.loads(recorded.read_text()).values()
+    else:
+        shutil.rmtree(baseline, ignore_errors=True)
+        baseline.mkdir()
+        lives = {}
+        started = time.monotonic()
+        rc = watch(start(pipeline_command(baseline, args.steps, args.evaluate), baseline, "run.log"), set(), lives,
+                   started)
+        baseline_seconds = time.monotonic() - started
+        if rc != 0:
+            print(f"the uninterrupted run failed (status {rc}); see {baseline}/run.log", file=sys.stderr)
+            return 1
+        recorded.write_text(json.dumps({"lives": lives, "seconds": baseline_seconds}))
+    missing = [kind for kind in VICTIM_KINDS if kind not in lives]
+    if missing:
+        print(f"the uninterrupted run showed no process of kind {missing}", file=sys.stderr)
         return 1
     reference = averaged_tensors(baseline / "pipeline")
-    print(f"uninterrupted run: {baseline_seconds:.0f} s, {len(reference)} averaged tensors", flush=True)
-    print(f"{'trial':>5}  {'kill at':>8}  {'victim':<18} {'rc':>4} {'rc2':>4}  {'max|diff|':>9}  result", flush=True)
+    print(f"uninterrupted run: {baseline_seconds:.0f} s, {len(reference)} averaged tensors; load average "
+          f"{os.getloadavg()[0]:.1f}; lives (s): "
+          + ", ".join(f"{kind} {a:.0f}-{b:.0f}" for kind, (a, b) in lives.items()), flush=True)
+    print(HEADER, flush=True)
 
-    trials = []
-    for index in range(args.trials):
-        # Kill before 85% of the uninterrupted run's time: a run that happens to go faster than
-        # the baseline would otherwise end before a late kill (a trial without a fault).
-        trial = Trial(index, delay=rng.uniform(2.0, baseline_seconds * 0.85))
-        trial_started = time.monotonic()
-        run_trial(trial, base, baseline / "assets", args.steps, reference, rng)
-        trials.append(trial)
-        diff = "-" if trial.max_abs_diff is None else f"{trial.max_abs_diff:.3g}"
-        print(f"{index:>5}  {trial.delay:>7.1f}s  {trial.victim:<18} {trial.interrupted_rc!s:>4} "
-              f"{trial.recovered_rc!s:>4}  {diff:>9}  {'ok' if trial.ok else 'FAIL: ' + '; '.join(trial.problems)}"
-              f"  ({time.monotonic() - trial_started:.0f} s)", flush=True)
+    trials = schedule(args.trials, lives, rng, args.retry_share)
+    rngs = [random.Random(rng.random()) for _ in trials]  # each trial's victim draw, whatever the order
+    if args.only:
+        trials = trials[args.only[0]:args.only[1]]
+    print_lock = threading.Lock()
+    loads: list[float] = []
+
+    def one(trial: Trial) -> Trial:
+        run_trial(trial, base, baseline / "assets", args.steps, args.evaluate, reference, rngs[trial.index])
+        with print_lock:
+            loads.append(os.getloadavg()[1])
+            print(row(trial), flush=True)
+        return trial
+
+    trials_started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        trials = list(pool.map(one, trials))
+    elapsed = time.monotonic() - trials_started
 
     passed = sum(trial.ok for trial in trials)
-    victims: dict[str, int] = {}
-    for trial in trials:
-        victims[trial.victim] = victims.get(trial.victim, 0) + 1
-    print(f"\nsummary: {passed}/{len(trials)} trials passed; victims: "
-          + ", ".join(f"{k} x{v}" for k, v in sorted(victims.items()))
-          + f"; bit-identical averages: {sum(t.max_abs_diff == 0.0 for t in trials)}/{len(trials)}")
-    print(json.dumps({"trials": len(trials), "passed": passed, "victims": victims,
-                      "baseline_seconds": round(baseline_seconds, 1)}))
+    killed = {kind: sum(t.victim == kind for t in trials) for kind in VICTIM_KINDS}
+    recoveries = {way: sum(t.recovery == way for t in trials) for way in ("re-run", "retry")}
+    identical = sum(t.max_abs_diff == 0.0 for t in trials)
+    print(f"\nsummary: {passed}/{len(trials)} trials passed; killed per kind: "
+          + ", ".join(f"{k} x{v}" for k, v in killed.items())
+          + f" ({sum(killed.values())} kills); recoveries: re-run x{recoveries['re-run']}, "
+          f"retry x{recoveries['retry']}; bit-identical averages: {identical}/{len(trials)}; "
+          f"{elapsed / 60:.0f} min for the trials at --jobs {args.jobs}, 5-min load average "
+          f"{min(loads, default=0):.1f}-{max(loads, default=0):.1f}")
+    print(json.dumps({"trials": len(trials), "passed": passed, "killed": killed, "recoveries": recoveries,
+                      "identical": identical, "steps": args.steps, "jobs": args.jobs,
+                      "baseline_seconds": round(baseline_seconds, 1), "trials_seconds": round(elapsed, 1)}))
     return 0 if passed == len(trials) else 1
 
 

@@ -135,6 +135,13 @@ class Launch:
             self.process.wait()
         self._reader.join(timeout=SUPERVISOR_EXTRA_SECONDS)
 
+    def kill_orphans(self) -> None:
+        """Kill what is left of the group of a supervisor that was itself killed by a signal
+        (SIGKILL by hand, the OOM killer): it could not stop its group, whose launcher and ranks
+        would otherwise train on, beside the task's retry, into the same output folder."""
+        if self.process.returncode is not None and self.process.returncode < 0:
+            kill_group(self.process.pid)
+
     def close(self) -> None:
         self._reader.join(timeout=SUPERVISOR_EXTRA_SECONDS)
         if self.process.stdin is not None:
@@ -245,6 +252,7 @@ def run_supervised(
         if launch.process.poll() is None:
             launch.stop("the stage's task was interrupted")
             launch.wait_stopped()
+        launch.kill_orphans()
         with _ACTIVE_LOCK:
             _ACTIVE.pop(launch.process.pid, None)
         launch.close()

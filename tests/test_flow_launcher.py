@@ -169,6 +169,30 @@ def test_a_killed_flow_process_leaves_nothing_behind(tmp_path, tree_script):
     wait_dead(pids)
 
 
+def test_a_killed_supervisor_leaves_nothing_behind(tmp_path, tree_script):
+    """SIGKILL of the stage's supervisor (found by benchmarks/fault_trials.py): the flow kills its
+    group, else the launcher and ranks would train on beside the task's retry."""
+    pids_file = tmp_path / "pids"
+    errors: list[BaseException] = []
+
+    def stage() -> None:
+        try:
+            run_supervised("s", [sys.executable, str(tree_script), str(pids_file)], tmp_path / "s.log",
+                           grace=0.5, tick_seconds=0.2)
+        except StageProcessError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=stage)
+    thread.start()
+    pids = [int(p) for p in wait_for_file(pids_file).split()]
+    [launch] = active_launches()
+    os.kill(launch.process.pid, signal.SIGKILL)
+    thread.join(timeout=20)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and "killed by SIGKILL" in str(errors[0])
+    wait_dead(pids)
+
+
 def test_supervisor_passes_the_exit_status_of_a_signalled_child(tmp_path):
     script = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
     with pytest.raises(StageProcessError, match=f"exited with code {128 + signal.SIGKILL}"):
