@@ -118,6 +118,8 @@ class TemporaryServer:
             except subprocess.TimeoutExpired:
                 kill_group(self.process.pid)
                 self.process.wait()
+        if self.process is not None and self.process.returncode < 0:
+            kill_group(self.process.pid)  # a supervisor killed by a signal left the server in its group
         self.process = None
 
 
