@@ -8,12 +8,14 @@ through a model), the inputs of one recipe-2 merge:
     mlp2x_gelu projector and a SigLIP-so400m tower at the reference shapes, trained
     (`unfreeze_vision_tower`, so its weights sit in non_lora_trainables.bin; `--tower-layers`
     cuts its depth, 27 by default = uncut) or, with `--frozen-tower`, loaded from its folder.
-Then runs the merge in a child process, with PEFT's merge (the old path, `--merge-method
-peft`) and with the direct addmm merge (the default), and reports each one's wall time and
-peak RSS and their ratio (ru_maxrss of
-the child, read by a small launcher process: the parent's memory is not counted), next to the
-RSS of a child that only imports the merge module (the fixed cost of torch + transformers +
-peft). Temporary files are deleted at the end.
+Then runs `python -m bunny.merge` in a child process on the same inputs, with PEFT's merge
+of a model in memory (the old path, `--merge-method peft`) and with the stream merge (the
+default), and reports each one's wall time (the whole command: imports, checks, merge, write,
+fsync) and peak RSS (ru_maxrss of the child, read by a small launcher process: the parent's
+memory is not counted), both against the output's size, and the ratios old/new. Next to
+them: the RSS of a child that only imports torch and transformers (the fixed cost any merge
+pays) and the load average before and after (the machine is shared: compare ratios from one
+run, not wall times across runs). Temporary files are deleted at the end.
 
     python benchmarks/merge_bench.py
     python benchmarks/merge_bench.py --layers 4 --tower-layers 8 --frozen-tower
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -175,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frozen-tower", action="store_true", help="recipe-1: tower loaded from its folder")
     parser.add_argument("--workdir", type=Path, help="where to build the inputs (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--methods", type=lambda text: text.split(","), default=["peft", "stream"],
+                        help="merge methods to run, in order (default: peft,stream)")
     args = parser.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="merge-bench-", dir=args.workdir))
@@ -182,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         sizes = build_inputs(root, args.layers, args.tower_layers, args.frozen_tower, args.rank)
         build_seconds = time.perf_counter() - started
-        _, import_rss, _ = child_peak_rss([sys.executable, "-c", "import bunny.merge"])
+        load_before = os.getloadavg()
+        import_wall, import_rss, _ = child_peak_rss([sys.executable, "-c", "import torch, transformers"])
         output_gb = None
         runs = {}
-        for method in ("peft", "direct"):  # the old path first, then the new one, same inputs
+        for method in args.methods:  # the old path first, then the new one, same inputs
             out = root / f"merged-{method}"
             wall, peak, printed = child_peak_rss([
                 sys.executable, "-m", "bunny.merge", "--model-path", str(root / "run"),
@@ -203,18 +209,23 @@ def main(argv: list[str] | None = None) -> int:
             "lora_rank": args.rank,
             **{k: round(v, 3) for k, v in sizes.items()},
             "output_gb": round(output_gb, 3),
-            "import_only_rss_gb": round(import_rss, 3),
+            "import_torch_transformers_s": round(import_wall, 1),
+            "import_torch_transformers_rss_gb": round(import_rss, 3),
             "inputs_build_s": round(build_seconds, 1),
         }
         for method, (wall, peak, _) in runs.items():
             figures[f"{method}_merge_wall_s"] = round(wall, 1)
             figures[f"{method}_peak_rss_gb"] = round(peak, 3)
             figures[f"{method}_peak_over_output"] = round(peak / output_gb, 2)
-        figures["speedup_direct_vs_peft"] = round(runs["peft"][0] / runs["direct"][0], 2)
-        printed = runs["direct"][2]
-        print(printed)
+        if {"peft", "stream"} <= set(runs):
+            figures["speedup_stream_vs_peft"] = round(runs["peft"][0] / runs["stream"][0], 2)
+            figures["rss_ratio_stream_vs_peft"] = round(runs["stream"][1] / runs["peft"][1], 2)
+        figures["load_average_before"] = " ".join(f"{x:.2f}" for x in load_before)
+        figures["load_average_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        for method, (_, _, printed) in runs.items():
+            print(printed.splitlines()[-1])
         for key, value in figures.items():
-            print(f"{key:>26}: {value}")
+            print(f"{key:>32}: {value}")
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
     finally:

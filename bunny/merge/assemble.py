@@ -36,6 +36,7 @@ from bunny.merge.adapter import (
     targeted_linears,
 )
 from bunny.merge.inputs import LoraRun, MergeError
+from bunny.merge.stream import all_finite
 from bunny.model.projector import build_projector
 from bunny.model.vision_tower import VisionTower, tower_classes, upgrade_tower_key
 
@@ -68,7 +69,7 @@ def model_skeleton(run: LoraRun) -> nn.Module:
 
 def refuse_non_finite(tensors: dict[str, torch.Tensor], where: Path | str) -> None:
     """A NaN or inf in an input would spread through every merged weight it touches."""
-    bad = [name for name, value in tensors.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    bad = [name for name, value in tensors.items() if value.is_floating_point() and not all_finite(value)]
     if bad:
         raise MergeError(f"{where} holds NaN or inf values in {list_keys(bad)}: refusing to merge them")
 

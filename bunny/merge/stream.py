@@ -4,11 +4,12 @@ Every tensor of the merged model comes from one place, decided up front (:func:`
 the run's ``non_lora_trainables.bin`` (projector, an unfrozen tower), else the frozen tower's
 folder (tower tensors), else the base LLM's safetensors shards. Base and tower tensors are
 read one at a time, by byte offset, into memory of their own (a page-cache copy, never an
-mmap that would stay resident); a LoRA target becomes ``W + scale * B @ A``, computed in
-float32 and rounded once to the output dtype; and each tensor goes straight into an output
-shard whose header was computed from the plan (``bunny.merge.shards``), then is freed. Peak
-memory is the adapter, the non-LoRA trainables and a few copies of the largest tensor,
-whatever the size of the model.
+mmap that would stay resident); a LoRA target becomes ``W + scale * B @ A`` (``W`` in the
+output dtype, as PEFT's merge of a model loaded in it sees it), computed in float32 a block
+of rows at a time and rounded once to the output dtype; and each tensor goes straight into
+an output shard whose header was computed from the plan (``bunny.merge.shards``), then is
+freed. Peak memory is the adapter, the non-LoRA trainables and about one copy of the largest
+tensor, whatever the size of the model.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ logger = logging.getLogger("bunny.merge")
 
 TOWER_PREFIX = "model.vision_tower."
 TOWER_MODEL_PREFIX = "model.vision_tower.vision_tower.vision_model."
+BLOCK_ELEMENTS = 2**22  # elements per block of the LoRA update: 16 MB of float32
 
 
 def has_safetensors(folder: Path) -> bool:
@@ -137,23 +139,41 @@ class TensorReader:
 
 
 def merged_tensor(item: PlannedTensor, reader: TensorReader, name: str) -> torch.Tensor:
-    """One output tensor: the source, plus its LoRA update in float32, rounded once to the
-    output dtype; refused when not finite (a NaN or inf input, or an overflow in the cast)."""
+    """One output tensor: the source in the output dtype (as a model loaded in that dtype
+    holds it), plus its LoRA update; refused when not finite (a NaN or inf input, or an
+    overflow in the cast)."""
     source = item.source if isinstance(item.source, torch.Tensor) else reader.read(item.source)
-    if item.lora is None:
-        merged = source.to(item.dtype)
-    else:
-        layer = item.lora
-        # A private float32 copy (a float32 read is ours already; a tensor of non_lora is not).
-        own = not isinstance(item.source, torch.Tensor) and source.dtype == torch.float32
-        weight = source if own else source.to(torch.float32, copy=True)
-        weight.addmm_(layer.up.to(torch.float32), layer.down.to(torch.float32), alpha=layer.scale)
-        merged = weight.to(item.dtype)
-    if merged.is_floating_point() and not bool(torch.isfinite(merged).all()):
-        if source.is_floating_point() and not bool(torch.isfinite(source).all()):
+    merged = source.to(item.dtype)
+    if item.lora is not None:
+        if merged is item.source:  # a tensor of non_lora_trainables.bin: not ours to change
+            merged = merged.clone()
+        add_lora_(merged, item.lora)
+    if merged.is_floating_point() and not all_finite(merged):
+        if source.is_floating_point() and not all_finite(source):
             raise MergeError(f"{item.owner} holds NaN or inf values in {name}: refusing to merge them")
         raise MergeError(f"merging {name} gives values beyond {item.dtype}'s range: merge in a wider --dtype")
     return merged
+
+
+def add_lora_(weight: torch.Tensor, layer: LoraLayer) -> None:
+    """``weight += scale * up @ down``, in place, a block of rows at a time: each block is
+    widened to float32, updated by one ``addmm`` and rounded back once. The float32 copy is
+    a block (``BLOCK_ELEMENTS``), never the whole weight."""
+    down, up = layer.down.to(torch.float32), layer.up.to(torch.float32)
+    rows = max(1, BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start:start + rows]
+        block.copy_(torch.addmm(block.to(torch.float32), up[start:start + rows], down, alpha=layer.scale))
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf: the smallest and largest values say it (``aminmax`` propagates NaN), in
+    one pass without temporaries; ``isfinite`` is several times slower on 16-bit floats and
+    makes a tensor of flags."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def tensor_source(plan: dict[str, PlannedTensor]) -> tuple[Callable[[str], torch.Tensor], Callable[[], None]]:
