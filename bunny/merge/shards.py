@@ -18,6 +18,7 @@ import json
 import math
 import struct
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -80,7 +81,9 @@ def safetensors_header(tensors: dict[str, TensorSpec]) -> tuple[bytes, list[str]
 
 def write_safetensors(path: Path, specs: dict[str, TensorSpec], tensor_of: Callable[[str], torch.Tensor]) -> None:
     """One safetensors file: the header from ``specs``, then each tensor, asked of
-    ``tensor_of`` only when its turn comes, written as is and dropped.
+    ``tensor_of`` only when its turn comes, written as is and dropped. The next tensor is
+    computed (in a second thread: torch and file writes release the GIL) while one is being
+    written, so at most two are held.
 
     On a failed write (a full disk) the file is closed with its own errors suppressed, so
     the caller sees the write's error, not one raised while flushing during clean-up."""
@@ -88,15 +91,19 @@ def write_safetensors(path: Path, specs: dict[str, TensorSpec], tensor_of: Calla
     handle = open(path, "wb")
     try:
         handle.write(header)
-        for name in order:
-            tensor = tensor_of(name).detach()
-            if (tensor.dtype, tuple(tensor.shape)) != specs[name]:
-                raise RuntimeError(f"{name}: {tensor.dtype} {tuple(tensor.shape)}, the header says {specs[name]}")
-            if tensor.device.type != "cpu":
-                tensor = tensor.cpu()
-            raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy when contiguous
-            handle.write(raw.data)
-            del tensor, raw
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-tensor") as ahead:
+            upcoming = ahead.submit(tensor_of, order[0]) if order else None
+            for position, name in enumerate(order):
+                tensor = upcoming.result().detach()
+                following = order[position + 1] if position + 1 < len(order) else None
+                upcoming = ahead.submit(tensor_of, following) if following is not None else None
+                if (tensor.dtype, tuple(tensor.shape)) != specs[name]:
+                    raise RuntimeError(f"{name}: {tensor.dtype} {tuple(tensor.shape)}, the header says {specs[name]}")
+                if tensor.device.type != "cpu":
+                    tensor = tensor.cpu()
+                raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy when contiguous
+                handle.write(raw.data)
+                del tensor, raw
     except BaseException:
         with contextlib.suppress(OSError):
             handle.close()
