@@ -562,14 +562,16 @@ def test_merging_a_deepspeed_zero3_run_with_an_unfrozen_tower(deepspeed_run, sub
 
 
 def test_the_stream_merge_is_peft_s_merge_or_closer(unfrozen_run, tiny_assets, tmp_path):
-    """float32: the same weights as PEFT's merge. bf16: the stream computes W + scale * B @ A
-    in float32 and rounds it once, so its weights are the float32 merge's, rounded: the
-    closest bf16 values there are. PEFT rounds W to bf16 (on load), then the delta, then the
-    sum: it is never closer, and measurably further off."""
-    def merged(dtype, method):
-        result = merge_lora(unfrozen_run.folder, tiny_assets.llm, tmp_path / f"{dtype}-{method}", dtype=dtype, merge_method=method)
+    """float32: the same weights as PEFT's merge. bf16: both see the base weight W in bf16
+    (the model PEFT merges is loaded in bf16); the stream adds the delta in float32 and rounds
+    the sum once, so its weights are exactly the float32 merge of that bf16 base, rounded:
+    the closest bf16 values there are. PEFT rounds the delta to bf16 first, then the sum: it
+    is never closer, and measurably further off."""
+    def merged(dtype, method, base=tiny_assets.llm):
+        out = tmp_path / f"{dtype}-{method}-{base.name}"
+        result = merge_lora(unfrozen_run.folder, base, out, dtype=dtype, merge_method=method)
         assert result.method == method
-        return load_file(tmp_path / f"{dtype}-{method}" / "model-00001-of-00001.safetensors")
+        return load_file(out / "model-00001-of-00001.safetensors")
 
     exact, peft32 = merged("float32", "stream"), merged("float32", "peft")
     base = load_file(tiny_assets.llm / "model.safetensors")
@@ -579,14 +581,15 @@ def test_the_stream_merge_is_peft_s_merge_or_closer(unfrozen_run, tiny_assets, t
     for key in exact:
         torch.testing.assert_close(exact[key], peft32[key], rtol=1e-6, atol=1e-7)
 
+    rounded_base = tmp_path / "base-in-bf16"  # the base's values as a bf16 model holds them, stored in float32
+    shutil.copytree(tiny_assets.llm, rounded_base)
+    save_file({k: v.to(torch.bfloat16).float() for k, v in base.items()}, rounded_base / "model.safetensors")
+    reference = merged("float32", "stream", rounded_base)  # bf16 W + delta, in float32: no rounding of the sum
     stream16, peft16 = merged("bfloat16", "stream"), merged("bfloat16", "peft")
-    assert all(torch.equal(stream16[key], exact[key].to(torch.bfloat16)) for key in exact)  # one rounding
-    errors = {}
-    for key in lora_targets:
-        stream_error = (stream16[key].float() - exact[key]).abs().max().item()
-        peft_error = (peft16[key].float() - exact[key]).abs().max().item()
-        assert stream_error <= peft_error, key
-        errors[key] = (stream_error, peft_error)
-    assert sum(s for s, _ in errors.values()) < sum(p for _, p in errors.values())  # PEFT's double rounding shows
+    assert all(torch.equal(stream16[key], reference[key].to(torch.bfloat16)) for key in reference)  # one rounding
+    stream_error = {key: (stream16[key].float() - reference[key]).abs() for key in lora_targets}
+    peft_error = {key: (peft16[key].float() - reference[key]).abs() for key in lora_targets}
+    assert all(bool((stream_error[key] <= peft_error[key]).all()) for key in lora_targets)
+    assert sum(e.sum() for e in stream_error.values()) < sum(e.sum() for e in peft_error.values())  # PEFT's extra rounding shows
     with pytest.raises(ValueError, match="merge method 'fast'"):
         merge_lora(unfrozen_run.folder, tiny_assets.llm, tmp_path / "x", merge_method="fast")
