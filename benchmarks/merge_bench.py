@@ -8,12 +8,14 @@ through a model), the inputs of one recipe-2 merge:
     mlp2x_gelu projector and a SigLIP-so400m tower at the reference shapes, trained
     (`unfreeze_vision_tower`, so its weights sit in non_lora_trainables.bin; `--tower-layers`
     cuts its depth, 27 by default = uncut) or, with `--frozen-tower`, loaded from its folder.
-Then runs the merge in a child process, with PEFT's merge (the old path, `--merge-method
-peft`) and with the direct addmm merge (the default), and reports each one's wall time and
-peak RSS and their ratio (ru_maxrss of
-the child, read by a small launcher process: the parent's memory is not counted), next to the
-RSS of a child that only imports the merge module (the fixed cost of torch + transformers +
-peft). Temporary files are deleted at the end.
+Then runs `python -m bunny.merge` in a child process on the same inputs, with PEFT's merge
+of a model in memory (the old path, `--merge-method peft`) and with the stream merge (the
+default), and reports each one's wall time (the whole command: imports, checks, merge, write,
+fsync) and peak RSS (ru_maxrss of the child, read by a small launcher process: the parent's
+memory is not counted), both against the output's size, and the ratios old/new. Next to
+them: the RSS of a child that only imports torch and transformers (the fixed cost any merge
+pays) and the load average before and after (the machine is shared: compare ratios from one
+run, not wall times across runs). Temporary files are deleted at the end.
 
     python benchmarks/merge_bench.py
     python benchmarks/merge_bench.py --layers 4 --tower-layers 8 --frozen-tower
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -55,13 +58,17 @@ def random_bf16(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.bfloat16).uniform_(-0.02, 0.02, generator=generator)
 
 
-def reference_configs(layers: int, tower_layers: int) -> tuple[Phi3Config, SiglipVisionConfig, dict]:
+def reference_configs(
+    layers: int, tower_layers: int, llm_changes: dict | None = None, tower_changes: dict | None = None
+) -> tuple[Phi3Config, SiglipVisionConfig, dict]:
+    """Phi-3-mini's and SigLIP-so400m's configs at these depths (``*_changes``: other fields
+    changed, for a smaller model, e.g. in tests)."""
     phi3 = json.loads(PHI3_CONFIG.read_text())
     phi3 = {k: v for k, v in phi3.items() if k not in ("model_type", "torch_dtype")}
-    llm = Phi3Config(**{**phi3, "num_hidden_layers": layers}, dtype="bfloat16")
+    llm = Phi3Config(**{**phi3, "num_hidden_layers": layers, **(llm_changes or {})}, dtype="bfloat16")
     siglip = json.loads(SIGLIP_CONFIG.read_text())
     processor = siglip.pop("image_processor")
-    tower = SiglipVisionConfig(**{k: v for k, v in siglip.items() if k != "model_type"})
+    tower = SiglipVisionConfig(**{**{k: v for k, v in siglip.items() if k != "model_type"}, **(tower_changes or {})})
     tower.num_hidden_layers = tower_layers
     return llm, tower, processor
 
@@ -88,10 +95,13 @@ def lora_regex(skeleton: torch.nn.Module) -> str:
     return r"model\.layers\.\d+\.(?:" + "|".join(s.replace(".", r"\.") for s in suffixes) + ")"
 
 
-def build_inputs(root: Path, layers: int, tower_layers: int, frozen_tower: bool, rank: int) -> dict[str, float]:
+def build_inputs(
+    root: Path, layers: int, tower_layers: int, frozen_tower: bool, rank: int,
+    llm_changes: dict | None = None, tower_changes: dict | None = None,
+) -> dict[str, float]:
     """Write base LLM, tower folder and LoRA output folder under ``root``; return sizes in GB."""
     generator = torch.Generator().manual_seed(0)
-    llm_config, tower_config, processor = reference_configs(layers, tower_layers)
+    llm_config, tower_config, processor = reference_configs(layers, tower_layers, llm_changes, tower_changes)
     base, tower_dir, run = root / "base", root / "tower", root / "run"
     for folder in (base, tower_dir, run):
         folder.mkdir()
@@ -152,19 +162,21 @@ LAUNCHER = """
 import json, resource, subprocess, sys, time
 started = time.perf_counter()
 result = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(json.dumps({"wall": time.perf_counter() - started, "code": result.returncode,
-                  "maxrss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                  "maxrss_kb": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime,
                   "stdout": result.stdout, "stderr": result.stderr[-4000:]}))
 """
 
 
-def child_peak_rss(command: list[str]) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in GB, stdout) of ``command``, measured by a small launcher."""
+def child_peak_rss(command: list[str]) -> tuple[float, float, str, float]:
+    """(wall seconds, peak RSS in GB, stdout, CPU seconds) of ``command``, measured by a small
+    launcher. CPU seconds (user + system) say more than wall time on a loaded machine."""
     launched = subprocess.run([sys.executable, "-c", LAUNCHER, *command], cwd=REPO_ROOT, capture_output=True, text=True)
     report = json.loads(launched.stdout)
     if report["code"] != 0:
         raise RuntimeError(f"{command[:4]} failed:\n{report['stdout'][-2000:]}\n{report['stderr']}")
-    return report["wall"], report["maxrss_kb"] * 1024 / GB, report["stdout"].strip()
+    return report["wall"], report["maxrss_kb"] * 1024 / GB, report["stdout"].strip(), report["cpu"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frozen-tower", action="store_true", help="recipe-1: tower loaded from its folder")
     parser.add_argument("--workdir", type=Path, help="where to build the inputs (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--methods", type=lambda text: text.split(","), default=["peft", "stream"],
+                        help="merge methods to run, in order (default: peft,stream)")
     args = parser.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="merge-bench-", dir=args.workdir))
@@ -182,19 +196,20 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         sizes = build_inputs(root, args.layers, args.tower_layers, args.frozen_tower, args.rank)
         build_seconds = time.perf_counter() - started
-        _, import_rss, _ = child_peak_rss([sys.executable, "-c", "import bunny.merge"])
+        load_before = os.getloadavg()
+        import_wall, import_rss, _, import_cpu = child_peak_rss([sys.executable, "-c", "import torch, transformers"])
         output_gb = None
         runs = {}
-        for method in ("peft", "direct"):  # the old path first, then the new one, same inputs
+        for method in args.methods:  # the old path first, then the new one, same inputs
             out = root / f"merged-{method}"
-            wall, peak, printed = child_peak_rss([
+            wall, peak, printed, cpu = child_peak_rss([
                 sys.executable, "-m", "bunny.merge", "--model-path", str(root / "run"),
                 "--model-base", str(root / "base"), "--model-type", "phi-3", "--save-model-path", str(out),
                 "--merge-method", method,
             ])
             index = json.loads((out / "model.safetensors.index.json").read_text())
             output_gb = index["metadata"]["total_size"] / GB
-            runs[method] = (wall, peak, printed)
+            runs[method] = (wall, peak, printed, cpu)
             shutil.rmtree(out)
         figures = {
             "layers": args.layers,
@@ -203,18 +218,26 @@ def main(argv: list[str] | None = None) -> int:
             "lora_rank": args.rank,
             **{k: round(v, 3) for k, v in sizes.items()},
             "output_gb": round(output_gb, 3),
-            "import_only_rss_gb": round(import_rss, 3),
+            "import_torch_transformers_s": round(import_wall, 1),
+            "import_torch_transformers_cpu_s": round(import_cpu, 1),
+            "import_torch_transformers_rss_gb": round(import_rss, 3),
             "inputs_build_s": round(build_seconds, 1),
         }
-        for method, (wall, peak, _) in runs.items():
+        for method, (wall, peak, _, cpu) in runs.items():
             figures[f"{method}_merge_wall_s"] = round(wall, 1)
+            figures[f"{method}_merge_cpu_s"] = round(cpu, 1)
             figures[f"{method}_peak_rss_gb"] = round(peak, 3)
             figures[f"{method}_peak_over_output"] = round(peak / output_gb, 2)
-        figures["speedup_direct_vs_peft"] = round(runs["peft"][0] / runs["direct"][0], 2)
-        printed = runs["direct"][2]
-        print(printed)
+        if {"peft", "stream"} <= set(runs):
+            figures["speedup_stream_vs_peft"] = round(runs["peft"][0] / runs["stream"][0], 2)
+            figures["cpu_ratio_peft_over_stream"] = round(runs["peft"][3] / runs["stream"][3], 2)
+            figures["rss_ratio_stream_vs_peft"] = round(runs["stream"][1] / runs["peft"][1], 2)
+        figures["load_average_before"] = " ".join(f"{x:.2f}" for x in load_before)
+        figures["load_average_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        for method, (_, _, printed, _) in runs.items():
+            print(printed.splitlines()[-1])
         for key, value in figures.items():
-            print(f"{key:>26}: {value}")
+            print(f"{key:>32}: {value}")
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
     finally:

@@ -2,8 +2,10 @@
 
 ``merge_lora`` (Python) and ``bunny-merge`` / ``python -m bunny.merge`` (the tutorial's
 ``--model-path --model-base --model-type --save-model-path`` flags). Modules:
-``inputs`` reads and checks the folders, ``assemble`` builds and merges the model in memory,
-``shards`` writes safetensors shards from memory, ``merger`` ties them together atomically.
+``inputs`` reads and checks the folders, ``adapter`` reads a LoRA adapter without PEFT,
+``assemble`` checks the run's weights against the model (and holds PEFT's in-memory merge,
+the fallback), ``stream`` merges tensor by tensor, ``shards`` writes safetensors shards one
+tensor at a time, ``merger`` ties them together atomically.
 The names below are imported on first use (PEP 562), so ``--help`` needs no torch.
 """
 

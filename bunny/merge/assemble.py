@@ -1,44 +1,48 @@
-"""The merged model in memory: base LLM + vision tower + projector + LoRA, merged in place.
-
-Memory is the point. The base LLM is loaded once, by ``from_pretrained`` in the output dtype
-(one copy of its weights); the tower and the projector are built straight from their weights
-(the run's, or the frozen tower's original folder), so nothing is randomly initialised only to
-be overwritten; each LoRA delta is added to its weight in place, one ``addmm`` per layer (PEFT's
-own merge, kept for the adapters that need it, builds LoRA modules first and is several times
-slower). Nothing is loaded twice and nothing is deep-copied.
+"""The run's weights checked against the model, and PEFT's merge in memory (the fallback).
 
 Every key of the adapter and of ``non_lora_trainables.bin`` is first checked against a
 skeleton of the model on the meta device (no memory, milliseconds), so a mismatch is reported,
-with the keys named, before the base model is loaded at all.
+with the keys named, before any weight of the base model is read. Plain LoRA adapters (all
+that Bunny's trainer writes) are checked without PEFT (``bunny.merge.adapter``) and merged as a
+stream (``bunny.merge.stream``). The rest of this module is the path for the adapters that need
+PEFT, and for ``--merge-method peft``: the model is loaded once, by ``from_pretrained`` in the
+output dtype; the tower and the projector are built straight from their weights (nothing is
+randomly initialised only to be overwritten); then PEFT injects, loads, merges and unloads
+its LoRA layers. PEFT is imported only then: it takes seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers.utils import logging as hf_logging
 
+from bunny.merge.adapter import (
+    LoraLayer,
+    check_adapter_tensors,
+    list_keys,
+    peft_only_reason,
+    read_adapter_config,
+    targeted_linears,
+)
 from bunny.merge.inputs import LoraRun, MergeError
-from bunny.merge.options import MERGE_METHODS
+from bunny.merge.stream import all_finite
 from bunny.model.projector import build_projector
 from bunny.model.vision_tower import VisionTower, tower_classes, upgrade_tower_key
 
 PEFT_PREFIX = "base_model.model."
 TOWER_PREFIX = "model.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
-MAX_LISTED_KEYS = 10
 _ADAPTER_NAME = re.compile(r"\.default(?=\.|$)")
 
 
@@ -47,18 +51,14 @@ class CheckedWeights:
     """The run's weights, checked against the model: keys without the PEFT prefix."""
 
     non_lora: dict[str, torch.Tensor]
-    adapter: dict[str, torch.Tensor]  # keys as saved (PEFT prefix), for set_peft_model_state_dict
-    lora_config: LoraConfig
+    adapter: dict[str, torch.Tensor]  # keys as saved (PEFT prefix)
     tower_trained: bool
     model_keys: frozenset[str]  # the state-dict keys of the merged model
     tower_unused_missing: tuple[str, ...] = ()  # a trained tower's unused parts the run lacks (older files)
     model_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # the merged model's tensors
-
-
-def list_keys(keys: Sequence[str]) -> str:
-    shown = ", ".join(sorted(keys)[:MAX_LISTED_KEYS])
-    hidden = len(keys) - MAX_LISTED_KEYS
-    return shown + (f" ... and {hidden} more" if hidden > 0 else "")
+    output_names: tuple[str, ...] = ()  # the tensors written, in order: model_keys less the tied aliases
+    lora_layers: dict[str, LoraLayer] | None = None  # per adapted linear layer; None: merged through PEFT
+    peft_reason: str | None = None  # why the merge needs PEFT, when it does
 
 
 def model_skeleton(run: LoraRun) -> nn.Module:
@@ -69,7 +69,7 @@ def model_skeleton(run: LoraRun) -> nn.Module:
 
 def refuse_non_finite(tensors: dict[str, torch.Tensor], where: Path | str) -> None:
     """A NaN or inf in an input would spread through every merged weight it touches."""
-    bad = [name for name, value in tensors.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    bad = [name for name, value in tensors.items() if value.is_floating_point() and not all_finite(value)]
     if bad:
         raise MergeError(f"{where} holds NaN or inf values in {list_keys(bad)}: refusing to merge them")
 
@@ -128,9 +128,20 @@ def check_non_lora(run: LoraRun, skeleton: nn.Module) -> tuple[dict[str, torch.T
     return state, tower_trained, unused_missing
 
 
-def check_adapter(run: LoraRun, skeleton: nn.Module) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def load_adapter(run: LoraRun) -> dict[str, torch.Tensor]:
+    try:
+        saved = load_file(run.adapter_weights)
+    except (SafetensorError, OSError) as exc:
+        raise MergeError(f"{run.adapter_weights} is corrupt or not a safetensors file (unreadable: {exc})") from exc
+    refuse_non_finite(saved, run.adapter_weights)
+    return saved
+
+
+def check_adapter_with_peft(run: LoraRun, skeleton: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors must be exactly those PEFT creates for its config on this model.
     Injects (meta) LoRA layers into ``skeleton``."""
+    from peft import LoraConfig, inject_adapter_in_model
+
     try:
         lora_config = LoraConfig.from_pretrained(str(run.folder))
     except (OSError, ValueError, TypeError) as exc:
@@ -144,11 +155,7 @@ def check_adapter(run: LoraRun, skeleton: nn.Module) -> tuple[LoraConfig, dict[s
     expected = {
         _ADAPTER_NAME.sub("", key): value.shape for key, value in skeleton.state_dict().items() if "lora_" in key
     }
-    try:
-        saved = load_file(run.adapter_weights)
-    except (SafetensorError, OSError) as exc:
-        raise MergeError(f"{run.adapter_weights} is corrupt or not a safetensors file (unreadable: {exc})") from exc
-    refuse_non_finite(saved, run.adapter_weights)
+    saved = load_adapter(run)
     found = {key.removeprefix(PEFT_PREFIX): value for key, value in saved.items()}
     unexpected = [PEFT_PREFIX + key for key in found if key not in expected]
     missing = [PEFT_PREFIX + key for key in expected if key not in found]
@@ -165,17 +172,32 @@ def check_adapter(run: LoraRun, skeleton: nn.Module) -> tuple[LoraConfig, dict[s
     if any(problems):
         raise MergeError(f"{run.adapter_weights} does not fit the model and {run.adapter_config}: "
                          + "; ".join(p for p in problems if p))
-    return lora_config, {PEFT_PREFIX + key: value for key, value in found.items()}
+    return {PEFT_PREFIX + key: value for key, value in found.items()}
 
 
-def check_weights(run: LoraRun) -> CheckedWeights:
-    """Every check of the run's weights against the model, before anything heavy is loaded."""
+def check_weights(run: LoraRun, through_peft: bool = False) -> CheckedWeights:
+    """Every check of the run's weights against the model, before anything heavy is loaded.
+    ``through_peft``: check (and later merge) the adapter with PEFT whatever it holds."""
     skeleton = model_skeleton(run)
-    model_shapes = {name: tuple(value.shape) for name, value in skeleton.state_dict().items()}
-    model_keys = frozenset(model_shapes)
+    state = skeleton.state_dict(keep_vars=True)
+    model_shapes = {name: tuple(value.shape) for name, value in state.items()}
+    seen: set[int] = set()  # a tied weight (embeddings and lm_head) is one tensor under two names
+    output_names = tuple(name for name, value in state.items() if not (id(value) in seen or seen.add(id(value))))
     non_lora, tower_trained, unused_missing = check_non_lora(run, skeleton)
-    lora_config, adapter = check_adapter(run, skeleton)
-    return CheckedWeights(non_lora, adapter, lora_config, tower_trained, model_keys, unused_missing, model_shapes)
+    config = read_adapter_config(run.adapter_config)
+    reason = "--merge-method peft" if through_peft else peft_only_reason(config)
+    layers = None
+    if reason is None:
+        linears, others = targeted_linears(config, skeleton, run.adapter_config)
+        if others:
+            reason = f"target_modules match modules that are not linear layers: {list_keys(others)}"
+        else:
+            adapter = load_adapter(run)
+            layers = check_adapter_tensors(config, linears, adapter, run.adapter_weights)
+    if reason is not None:
+        adapter = check_adapter_with_peft(run, skeleton)
+    return CheckedWeights(non_lora, adapter, tower_trained, frozenset(model_shapes), unused_missing, model_shapes,
+                          output_names, layers, reason)
 
 
 @contextlib.contextmanager
@@ -268,59 +290,6 @@ def load_unmerged_model(
     return model.eval()
 
 
-def direct_merge_unsupported(config: LoraConfig) -> str | None:
-    """Why ``W += scale * B @ A`` would not be what PEFT computes for this adapter (None: it is)."""
-    reasons = {
-        "use_dora": bool(getattr(config, "use_dora", False)),
-        "fan_in_fan_out": bool(getattr(config, "fan_in_fan_out", False)),
-        "rank_pattern": bool(getattr(config, "rank_pattern", None)),
-        "alpha_pattern": bool(getattr(config, "alpha_pattern", None)),
-        "bias": getattr(config, "bias", "none") != "none",
-        "lora_bias": bool(getattr(config, "lora_bias", False)),
-        "modules_to_save": bool(getattr(config, "modules_to_save", None)),
-        "target_parameters": bool(getattr(config, "target_parameters", None)),
-    }
-    return next((name for name, unsupported in reasons.items() if unsupported), None)
-
-
-def merge_adapter(model: nn.Module, weights: CheckedWeights, method: str = "direct") -> nn.Module:
-    """Fold the adapter into ``model``'s weights, in place.
-
-    ``direct`` (default): each target weight becomes ``W + scale * B @ A`` (scale
-    ``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA), one ``addmm`` per layer: no LoRA
-    modules are built, nothing is copied. A float32 weight is updated in place; a bf16/fp16
-    one is widened one layer at a time, updated in float32 and rounded once (PEFT rounds the
-    delta to the weight's dtype first, then the sum: twice). Adapters whose merge is not that
-    formula (DoRA, rank/alpha patterns, biases, ...) go through PEFT, as ``peft`` does always."""
-    if method not in MERGE_METHODS:
-        raise ValueError(f"merge method {method!r}: choose one of {', '.join(MERGE_METHODS)}")
-    plain = all(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in weights.adapter)
-    if method == "peft" or not plain or direct_merge_unsupported(weights.lora_config):
-        return _merge_with_peft(model, weights)
-    config = weights.lora_config
-    scale = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for module, (down, up) in _lora_pairs(weights.adapter).items():
-            weight = parameters[module + ".weight"]
-            if weight.dtype == torch.float32:
-                weight.addmm_(up.float(), down.float(), alpha=scale)
-            else:
-                weight.copy_(torch.addmm(weight.float(), up.float(), down.float(), alpha=scale))
-    _check_merged_keys(model, weights)
-    return model
-
-
-def _lora_pairs(adapter: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{module name: (lora_A weight [r, in], lora_B weight [out, r])}`` from the adapter's
-    tensors (checked against the model by :func:`check_adapter` already)."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in adapter.items():
-        module, _, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
-        pairs.setdefault(module, {})[part] = value
-    return {module: (parts["A.weight"], parts["B.weight"]) for module, parts in pairs.items()}
-
-
 def _check_merged_keys(model: nn.Module, weights: CheckedWeights) -> None:
     keys = set(model.state_dict())
     if keys != weights.model_keys:
@@ -331,11 +300,14 @@ def _check_merged_keys(model: nn.Module, weights: CheckedWeights) -> None:
         )
 
 
-def _merge_with_peft(model: nn.Module, weights: CheckedWeights) -> nn.Module:
+def merge_with_peft(model: nn.Module, run: LoraRun, weights: CheckedWeights) -> nn.Module:
     """PEFT's own merge: LoRA layers injected, loaded, merged and unloaded.
 
     Adapter tensors narrower than the model (a bf16 adapter on a float32 merge) are widened
     first, so each delta is computed and rounded once, in the output precision."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    lora_config = LoraConfig.from_pretrained(str(run.folder))
     dtype = next(model.parameters()).dtype
     adapter = {
         key: value.to(torch.promote_types(value.dtype, dtype)) if value.is_floating_point() else value
@@ -343,7 +315,7 @@ def _merge_with_peft(model: nn.Module, weights: CheckedWeights) -> nn.Module:
     }
     with warnings.catch_warnings():  # PEFT calls a transformers method deprecated in v5
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, weights.lora_config, low_cpu_mem_usage=True)
+        peft_model = get_peft_model(model, lora_config, low_cpu_mem_usage=True)
     set_peft_model_state_dict(peft_model, adapter, low_cpu_mem_usage=True)
     left_empty = [name for name, param in peft_model.named_parameters() if param.is_meta]
     if left_empty:

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     # PEFT's own merge, for benchmarks/merge_bench.py's comparison; not for everyday use.
-    parser.add_argument("--merge-method", choices=MERGE_METHODS, default="direct", help=argparse.SUPPRESS)
+    parser.add_argument("--merge-method", choices=MERGE_METHODS, default=MERGE_METHODS[0], help=argparse.SUPPRESS)
     return parser
 
 
@@ -74,6 +74,6 @@ def _merge(args: argparse.Namespace) -> int:
     print(
         f"wrote {result.output_dir}: {result.num_tensors} tensors, {format_bytes(result.total_size)} "
         f"{str(result.dtype).removeprefix('torch.')} in {len(result.shard_files)} shard(s) (vision tower {tower}), "
-        f"{time.perf_counter() - started:.1f} s"
+        f"{time.perf_counter() - started:.1f} s ({result.method} merge)"
     )
     return 0

@@ -6,4 +6,4 @@ DTYPE_ALIASES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float16": "float16", "fp16": "float16",
 }
-MERGE_METHODS = ("direct", "peft")
+MERGE_METHODS = ("stream", "peft")  # the first is the default

@@ -1,9 +1,10 @@
-"""Writing a model's weights as safetensors shards plus their index, straight from memory.
+"""Writing a model's weights as safetensors shards plus their index, one tensor at a time.
 
 ``safetensors.torch.save_file`` first serialises a whole shard into one bytes object: a
 5 GB shard would need 5 GB more memory than the model itself. Here the header is computed
-from shapes and dtypes alone and each tensor's own memory is written to the file as is, so
-saving costs no memory beyond the model.
+from shapes and dtypes alone, and each tensor is asked for only when its bytes are due and
+written as is: a model in memory costs nothing more to save, and a merge that computes its
+tensors one by one (``bunny.merge.stream``) never holds more than one.
 
 Layout (the same as ``bunny.average`` writes): ``model-0000i-of-0000N.safetensors`` shards of
 at most ``max_shard_bytes`` (a larger tensor gets a shard of its own) and
@@ -16,6 +17,8 @@ import contextlib
 import json
 import math
 import struct
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -23,10 +26,11 @@ import torch
 from bunny.average import INDEX_NAME, SAFETENSORS_DTYPES, SHARD_NAME
 
 DTYPE_NAMES: dict[torch.dtype, str] = {info.torch_dtype: name for name, info in SAFETENSORS_DTYPES.items()}
+TensorSpec = tuple[torch.dtype, tuple[int, ...]]  # dtype and shape: all a header needs
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+def _spec_nbytes(spec: TensorSpec) -> int:
+    return math.prod(spec[1]) * spec[0].itemsize
 
 
 def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -43,12 +47,12 @@ def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return kept
 
 
-def plan_shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+def plan_shards(specs: dict[str, TensorSpec], max_shard_bytes: int) -> list[list[str]]:
     """Names, in order, grouped into shards of at most ``max_shard_bytes``."""
     shards: list[list[str]] = []
     size = 0
-    for name, tensor in state.items():
-        nbytes = _nbytes(tensor)
+    for name, spec in specs.items():
+        nbytes = _spec_nbytes(spec)
         if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
             shards.append([])
             size = 0
@@ -57,7 +61,7 @@ def plan_shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[li
     return shards
 
 
-def safetensors_header(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> tuple[bytes, list[str]]:
+def safetensors_header(tensors: dict[str, TensorSpec]) -> tuple[bytes, list[str]]:
     """The header of a safetensors file holding tensors of these dtypes and shapes, and the
     order their data follows in: wider dtypes first, so every tensor stays aligned."""
     order = sorted(tensors, key=lambda name: -tensors[name][0].itemsize)
@@ -75,21 +79,31 @@ def safetensors_header(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) 
     return struct.pack("<Q", len(encoded)) + encoded, order
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """One safetensors file, each tensor's memory written as is.
+def write_safetensors(path: Path, specs: dict[str, TensorSpec], tensor_of: Callable[[str], torch.Tensor]) -> None:
+    """One safetensors file: the header from ``specs``, then each tensor, asked of
+    ``tensor_of`` only when its turn comes, written as is and dropped. The next tensor is
+    computed (in a second thread: torch and file writes release the GIL) while one is being
+    written, so at most two are held.
 
     On a failed write (a full disk) the file is closed with its own errors suppressed, so
     the caller sees the write's error, not one raised while flushing during clean-up."""
-    header, order = safetensors_header({name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()})
+    header, order = safetensors_header(specs)
     handle = open(path, "wb")
     try:
         handle.write(header)
-        for name in order:
-            tensor = tensors[name].detach()
-            if tensor.device.type != "cpu":
-                tensor = tensor.cpu()
-            raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy when contiguous
-            handle.write(raw.data)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-tensor") as ahead:
+            upcoming = ahead.submit(tensor_of, order[0]) if order else None
+            for position, name in enumerate(order):
+                tensor = upcoming.result().detach()
+                following = order[position + 1] if position + 1 < len(order) else None
+                upcoming = ahead.submit(tensor_of, following) if following is not None else None
+                if (tensor.dtype, tuple(tensor.shape)) != specs[name]:
+                    raise RuntimeError(f"{name}: {tensor.dtype} {tuple(tensor.shape)}, the header says {specs[name]}")
+                if tensor.device.type != "cpu":
+                    tensor = tensor.cpu()
+                raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy when contiguous
+                handle.write(raw.data)
+                del tensor, raw
     except BaseException:
         with contextlib.suppress(OSError):
             handle.close()
@@ -97,29 +111,37 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     handle.close()
 
 
-def sharded_size(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, max_shard_bytes: int) -> int:
-    """Bytes ``write_sharded`` writes for tensors of these shapes in ``dtype``: data, every
-    shard's header and the index (tied tensors counted twice: an upper bound)."""
-    metas = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in shapes.items()}
-    plan = plan_shards(metas, max_shard_bytes)
-    total = sum(math.prod(shape) * dtype.itemsize for shape in shapes.values())
+def sharded_size(specs: dict[str, TensorSpec], max_shard_bytes: int) -> int:
+    """Bytes ``write_sharded`` writes for tensors of these dtypes and shapes: data, every
+    shard's header and the index."""
+    plan = plan_shards(specs, max_shard_bytes)
+    total = sum(_spec_nbytes(spec) for spec in specs.values())
     for names in plan:
-        total += len(safetensors_header({name: (dtype, tuple(shapes[name])) for name in names})[0])
+        total += len(safetensors_header({name: specs[name] for name in names})[0])
     shard_name_length = len(SHARD_NAME.format(index=1, total=len(plan)))
-    total += sum(len(name) + shard_name_length + 12 for name in shapes) + 128  # index.json
+    total += sum(len(name) + shard_name_length + 12 for name in specs) + 128  # index.json
     return total
 
 
-def write_sharded(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> tuple[list[str], int, int]:
-    """Write ``state`` as shards plus index into ``folder``; returns (shard names, tensors, bytes)."""
-    state = untie(state)
-    plan = plan_shards(state, max_shard_bytes)
+def write_sharded_lazily(
+    specs: dict[str, TensorSpec], tensor_of: Callable[[str], torch.Tensor], folder: Path, max_shard_bytes: int
+) -> tuple[list[str], int, int]:
+    """Write the tensors ``specs`` describes (in that order, computed one at a time by
+    ``tensor_of``) as shards plus index into ``folder``; returns (shard names, tensors, bytes)."""
+    plan = plan_shards(specs, max_shard_bytes)
     names = [SHARD_NAME.format(index=i + 1, total=len(plan)) for i in range(len(plan))]
     weight_map = {}
     for shard_name, tensor_names in zip(names, plan):
-        write_safetensors(folder / shard_name, {name: state[name] for name in tensor_names})
+        write_safetensors(folder / shard_name, {name: specs[name] for name in tensor_names}, tensor_of)
         weight_map.update(dict.fromkeys(tensor_names, shard_name))
-    total_size = sum(_nbytes(tensor) for tensor in state.values())
+    total_size = sum(_spec_nbytes(spec) for spec in specs.values())
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return names, len(state), total_size
+    return names, len(specs), total_size
+
+
+def write_sharded(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> tuple[list[str], int, int]:
+    """Write ``state`` (tensors in memory) as shards plus index into ``folder``."""
+    state = untie(state)
+    specs = {name: (tensor.dtype, tuple(tensor.shape)) for name, tensor in state.items()}
+    return write_sharded_lazily(specs, state.__getitem__, folder, max_shard_bytes)
