@@ -168,7 +168,8 @@ def test_tiny_benchmark_runs_pretrain_and_lora_through_deepspeed(tmp_path):
     for name, seq, batch in (("pretrain", 729 + 64, 8), ("lora", 729 + 320, 4)):
         row = rows[name]
         assert (row["seq"], row["batch"], row["steps_measured"], row["device"]) == (seq, batch, 2, "cpu")
-        assert row["samples_per_s"] > 0 and row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * seq, rel=0.01)
+        # samples/s is rounded to 0.01, tokens/s to 1: a slow (loaded) machine's 0.19 samples/s is 1-3% off
+        assert row["samples_per_s"] > 0 and row["samples_per_s"] == pytest.approx(row["tokens_per_s"] / seq, abs=0.005 + 0.5 / seq)
         assert row["model_tflops"] > 0 and 0 <= row["data_wait_s"] < row["step_s"]
         assert row["peak_gib"] is None  # no GPU
         timing = json.loads((tmp_path / "work" / name / STEP_TIMING_FILE).read_text())
