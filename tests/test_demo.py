@@ -118,7 +118,7 @@ def test_demo_runs_every_stage_then_skips_them_all_quietly(tmp_path):
     op_was_built = shm_op_built(environment_extensions_dir())
 
     def demo() -> str:
-        result = subprocess.run([sys.executable, "-m", "flows.demo", "--workdir", str(tmp_path / "w"), "--steps", "4"],
+        result = subprocess.run([sys.executable, "-m", "flows.demo", "--workdir", str(tmp_path / "w"), "--steps", "2"],
                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
         output = result.stdout + result.stderr
         assert result.returncode == 0, output
@@ -159,3 +159,48 @@ def test_the_demos_server_goes_down_with_the_demo_even_on_sigkill(tmp_path):
     while processes_with_env("PREFECT_HOME", str(home)) and time.monotonic() < deadline:
         time.sleep(1)
     assert processes_with_env("PREFECT_HOME", str(home)) == []
+
+
+def earlier_demo_folder(workdir: Path) -> dict[str, Path]:
+    """What a finished demo leaves: assets, the server's log, stage outputs and markers."""
+    files = {
+        "asset": workdir / "assets" / "llm" / "config.json",
+        "server log": workdir / "prefect-server.log",
+        "stage output": workdir / "pipeline" / "recipe-1" / "output" / "adapter_model.safetensors",
+        "marker": workdir / "pipeline" / "recipe-1" / "stage-complete.json",
+        "validation record": workdir / "pipeline" / ".validation" / "record.json",
+    }
+    for path in files.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("earlier run")
+    return files
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_fresh_deletes_the_earlier_runs_outputs_and_keeps_the_rest(tmp_path, monkeypatch, fresh):
+    """`--fresh` starts over: the pipeline folder (outputs, completion markers, preflight's
+    records) goes; the assets, the server log and anything beside the workdir stay. Without it
+    nothing is deleted (the run skips what is complete)."""
+    from flows import demo
+
+    workdir = tmp_path / "w"
+    files = earlier_demo_folder(workdir)
+    beside = tmp_path / "beside.txt"
+    beside.write_text("not the demo's")
+    runs = []
+
+    def run(args, workdir, output_root, started, server) -> int:  # the pipeline, with what it finds
+        runs.append((workdir, output_root, server, sorted(p.relative_to(workdir).as_posix() for p in workdir.rglob("*") if p.is_file())))
+        return 0
+
+    monkeypatch.setattr(demo, "_run", run)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # a server of the user's: the demo starts none
+
+    assert demo.main(["--workdir", str(workdir), *(["--fresh"] if fresh else [])]) == 0
+    ((ran_in, output_root, server, seen),) = runs
+    assert (ran_in, output_root, server) == (workdir, workdir / "pipeline", None)
+    deleted = {"stage output", "marker", "validation record"} if fresh else set()
+    assert {name for name, path in files.items() if not path.exists()} == deleted
+    assert seen == sorted(p.relative_to(workdir).as_posix() for name, p in files.items() if name not in deleted)
+    assert beside.read_text() == "not the demo's"
+    assert not (workdir / "pipeline").exists() if fresh else (workdir / "pipeline").is_dir()

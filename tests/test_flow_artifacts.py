@@ -224,31 +224,30 @@ def test_pipeline_summary_without_training_stages_is_just_the_table(recorder, tm
 
 
 @pytest.mark.slow
-def test_live_chart_is_one_artifact_updated_in_place_on_a_prefect_server(tmp_path):
+def test_live_chart_is_one_artifact_updated_in_place_on_a_prefect_server(prefect_api, tmp_path):
     from prefect import flow
     from prefect.artifacts import Artifact
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.testing.utilities import prefect_test_harness
 
-    output = tmp_path / "recipe-1" / "output"
+    stage = "live-chart-test"  # an artifact key no other test on the session's server writes
+    output = tmp_path / stage / "output"
 
     @flow
     def training() -> None:
-        progress = artifacts.TrainingProgress("recipe-1", output, chart_interval_seconds=0)
+        progress = artifacts.TrainingProgress(stage, output, chart_interval_seconds=0)
         lines = []
         for step in (1, 2):
             lines.append(metrics_line(step, 2, noisy_loss(step)))
             write_metrics(output, lines)
             progress.update()
 
-    with prefect_test_harness(server_startup_timeout=120):
-        training()
-        latest = Artifact.get("recipe-1-loss")
-        with get_client(sync_client=True) as client:
-            versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["recipe-1-loss"])))
-    assert latest.type == "markdown" and latest.data.startswith("### recipe-1: training loss (live, step 2)")
-    assert latest.description == "recipe-1 training loss (live, step 2)"
+    training()
+    latest = Artifact.get(f"{stage}-loss")
+    with get_client(sync_client=True) as client:
+        versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{stage}-loss"])))
+    assert latest.type == "markdown" and latest.data.startswith(f"### {stage}: training loss (live, step 2)")
+    assert latest.description == f"{stage} training loss (live, step 2)"
     assert decode_png(latest.data).size == DEFAULT_SIZE
     assert len(versions) == 1
 

@@ -1,9 +1,11 @@
-"""The whole flow on the tiny assets under Prefect's test harness, real deepspeed launches.
+"""The whole flow on the tiny assets on the session's Prefect server, real deepspeed launches.
 
-One module-scoped run: recipe-2 is made to fail once right after its checkpoint-4 (train.py's
-fault hook) and retried; then that flow run is retried through Prefect's CLI, and a new run
-with the same config follows. A separate run is stopped the way a Prefect worker cancels one
-(SIGTERM to the flow process) while it trains.
+One module-scoped run of every stage, the averaging-weight search and the evaluate stage
+included: recipe-2 is made to fail once right after its checkpoint-4 (train.py's fault hook)
+and retried; then that flow run is retried through Prefect's CLI, and a new run with the same
+config follows. (tests/test_flow_evaluate.py tests the evaluate stage's wiring without a run.)
+A separate run is stopped the way a Prefect worker cancels one (SIGTERM to the flow process)
+while it trains.
 """
 
 from __future__ import annotations
@@ -22,22 +24,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flows.config import LaunchSettings, PipelineConfig, RetrySettings
+from conftest import split_heldout
+from flows.config import AverageSettings, EvaluateSettings, LaunchSettings, PipelineConfig, RetrySettings
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 8  # checkpoints every 2 steps
+STEPS = 6  # checkpoints every 2 steps
 FAULT_STEP = 4
 TRAINING = ("pretrain", "recipe-1", "recipe-2")
-STAGES = (*TRAINING, "merge-recipe-1", "merge-recipe-2", "average")
-
-
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=600):  # minutes on a busy machine
-        yield
+DEFAULT_STAGES = (*TRAINING, "merge-recipe-1", "merge-recipe-2", "average")  # without eval sets
+STAGES = (*DEFAULT_STAGES, "evaluate")  # the module's run
+EVALUATED = ["pretrain", "merge-recipe-1", "merge-recipe-2", "average"]  # the evaluate stage's models, in order
+GRID = [0.3, 0.5, 0.7]  # recipe-1's weights the search tries: every candidate mixes both merges
+EVALUATE_ARTIFACTS = ("evaluate-results", "evaluate-report", "average-weight-search", "evaluate-output")
 
 
 def attempts(root: Path, stage: str) -> list[str]:
@@ -53,15 +52,20 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(harness, tiny_assets, tmp_path_factory):
+def pipeline_run(prefect_api, tiny_assets, tmp_path_factory):
+    from prefect.artifacts import Artifact
+
     from flows.pipeline import bunny_pipeline
 
     work = tmp_path_factory.mktemp("e2e")
     config = PipelineConfig.demo(tiny_assets, work / "out", steps=STEPS)
     fault = LaunchSettings(env={"BUNNY_FAULT_AT_STEP": str(FAULT_STEP), "BUNNY_FAULT_ONCE_FILE": str(work / "fault-once")})
+    validation, test = split_heldout(tiny_assets, work / "eval-data")
     config = config.model_copy(update={
         "recipes": [config.recipes[0], config.recipes[1].model_copy(update={"launch": fault})],
         "retries": RetrySettings(retries=1, delay_seconds=0),
+        "average": AverageSettings(weights="search", validation=validation, grid=GRID),
+        "evaluate": EvaluateSettings(sets=[test], batch_size=4, max_new_tokens=8),
     })
     state = bunny_pipeline(config, return_state=True)
     first = state.result()
@@ -70,16 +74,18 @@ def pipeline_run(harness, tiny_assets, tmp_path_factory):
                           "--entrypoint", "flows/pipeline.py:bunny_pipeline")
     after_retry = snapshot(config.output_root)
     second = bunny_pipeline(config)
+    artifacts = {key: Artifact.get(key) for key in EVALUATE_ARTIFACTS}
     return {"config": config, "root": config.output_root, "first": first, "second": second, "retried": retried,
-            "after_first": after_first, "after_retry": after_retry, "after_second": snapshot(config.output_root)}
+            "after_first": after_first, "after_retry": after_retry, "after_second": snapshot(config.output_root),
+            "artifacts": artifacts, "eval_data": work / "eval-data"}
 
 
 def prefect_cli(*args: str) -> subprocess.CompletedProcess:
-    """A `prefect` command against the test harness's server, from the checkout."""
+    """A `prefect` command against the session's server, from the checkout."""
     from prefect.settings import PREFECT_API_URL
 
     return subprocess.run(
-        [sys.executable, "-m", "prefect", *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "prefect", *args], cwd=REPO, capture_output=True, text=True, timeout=900,
         env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
     )
 
@@ -127,25 +133,34 @@ def test_recipes_train_side_by_side_and_a_merge_starts_when_its_recipe_ends(pipe
     assert first_span[1] <= merge_start + timedelta(seconds=1) and merge_start < last_span[1], (first, merge_start, last_span)
 
 
+def stage_tensors(root: Path, stage: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a stage's sharded safetensors output."""
+    folder = root / stage / "output"
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        loaded.update(load_file(folder / shard))
+    return loaded
+
+
+def searched_weights(root: Path) -> list[float]:
+    return json.loads((root / "average" / "weight-search.json").read_text())["weights"]
+
+
 def test_average_loads_and_is_the_weighted_sum_of_the_merges(pipeline_run):
+    """The pipeline's output is the merges averaged with the searched weights (every grid point
+    mixes both), recipe-2's config, and loads with the Auto classes."""
     import bunny  # noqa: F401  (registers the Bunny classes with the Auto classes)
     from transformers import AutoModelForCausalLM
 
     root = pipeline_run["root"]
-
-    def tensors(stage: str) -> dict[str, torch.Tensor]:
-        folder = root / stage / "output"
-        index = json.loads((folder / "model.safetensors.index.json").read_text())
-        loaded: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            loaded.update(load_file(folder / shard))
-        return loaded
-
-    merged_1, merged_2, average = tensors("merge-recipe-1"), tensors("merge-recipe-2"), tensors("average")
+    merged_1, merged_2, average = (stage_tensors(root, s) for s in ("merge-recipe-1", "merge-recipe-2", "average"))
     assert merged_1.keys() == merged_2.keys() == average.keys()
     assert any(not torch.equal(merged_1[k], merged_2[k]) for k in merged_1)  # two different models
+    w1, w2 = searched_weights(root)
+    assert w1 in GRID and w2 == pytest.approx(1 - w1)
     for name, value in average.items():
-        expected = 0.3 * merged_1[name].double() + 0.7 * merged_2[name].double()
+        expected = w1 * merged_1[name].double() + w2 * merged_2[name].double()
         torch.testing.assert_close(value.double(), expected.to(value.dtype).double(), rtol=1e-6, atol=1e-7)
 
     model = AutoModelForCausalLM.from_pretrained(root / "average" / "output")
@@ -154,6 +169,39 @@ def test_average_loads_and_is_the_weighted_sum_of_the_merges(pipeline_run):
         torch.testing.assert_close(state[name].to(value.dtype), value, rtol=0, atol=0, msg=name)
     inherited = json.loads((root / "average" / "output" / "config.json").read_text())
     assert inherited == json.loads((root / "merge-recipe-2" / "output" / "config.json").read_text())
+
+
+def test_the_search_chose_the_grid_point_of_lowest_validation_loss(pipeline_run):
+    root = pipeline_run["root"]
+    curve = json.loads((root / "average" / "weight-search.json").read_text())
+    assert [c["weights"][0] for c in curve["curve"]] == GRID
+    best = min(curve["curve"], key=lambda c: c["loss"])
+    assert curve["weights"] == best["weights"] and curve["loss"] == best["loss"]
+    report = pipeline_run["artifacts"]["average-weight-search"]
+    assert report.type == "markdown" and "data:image/png;base64," in report.data
+    assert (root / "average" / "weight-search.png").is_file()
+    # the evaluate stage's validation number for the average is the search's own
+    table = json.loads(pipeline_run["artifacts"]["evaluate-results"].data)
+    scored = next(r for r in table if (r["eval set"], r["model"]) == ("validation", "average"))
+    assert scored["answer loss"] == pytest.approx(curve["loss"], rel=1e-3)
+
+
+def test_evaluate_stage_publishes_every_model_on_every_set(pipeline_run):
+    root, artifacts = pipeline_run["root"], pipeline_run["artifacts"]
+    table = json.loads(artifacts["evaluate-results"].data)
+    assert artifacts["evaluate-results"].type == "table"
+    assert [(row["eval set"], row["model"]) for row in table] == [(s, m) for s in ("test", "validation") for m in EVALUATED]
+    sizes = {name: len(json.loads((pipeline_run["eval_data"] / f"{name}.json").read_text())) for name in ("test", "validation")}
+    assert all(row["records"] == sizes[row["eval set"]] and row["answer loss"] > 0 and 0 <= row["accuracy"] <= 1
+               for row in table)
+    report = artifacts["evaluate-report"]
+    assert report.type == "markdown" and report.data.count("data:image/png;base64,") == 2
+    for model in EVALUATED:
+        assert f"| test | {model} |" in report.data
+    assert (root / "evaluate" / "answer-loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (root / "evaluate" / "accuracy.png").is_file()
+    records = (root / "evaluate" / "output" / "test" / "pretrain" / "output" / "records.jsonl").read_text().splitlines()
+    assert len(records) == sizes["test"]
 
 
 def test_recipe_2_failed_once_and_resumed_from_its_checkpoint(pipeline_run):
@@ -199,7 +247,9 @@ def test_a_flow_run_retry_skips_every_stage(pipeline_run):
 
 def test_second_run_with_the_same_config_skips_every_stage(pipeline_run):
     assert [(row["stage"], row["status"]) for row in pipeline_run["second"]] == [(s, "skipped") for s in STAGES]
-    assert pipeline_run["after_second"] == pipeline_run["after_first"]
+    assert pipeline_run["after_second"] == pipeline_run["after_first"]  # the search and evaluation included
+    output = pipeline_run["artifacts"]["evaluate-output"]
+    assert output.description == "evaluate output (complete from an earlier run)"
 
 
 def test_merge_and_average_flow_reproduces_the_pipelines_average(pipeline_run, tmp_path):
@@ -207,11 +257,12 @@ def test_merge_and_average_flow_reproduces_the_pipelines_average(pipeline_run, t
     from flows.pipeline import merge_and_average
 
     root = pipeline_run["root"]
+    w1, w2 = searched_weights(root)
     config = MergeAverageConfig(
         output_root=tmp_path / "merged",
         llm=pipeline_run["config"].llm,
-        inputs=[{"name": "recipe-1", "lora_path": root / "recipe-1" / "output", "weight": 0.3},
-                {"name": "recipe-2", "lora_path": root / "recipe-2" / "output", "weight": 0.7}],
+        inputs=[{"name": "recipe-1", "lora_path": root / "recipe-1" / "output", "weight": w1},
+                {"name": "recipe-2", "lora_path": root / "recipe-2" / "output", "weight": w2}],
     )
     rows = merge_and_average(config)
     assert [(row["stage"], row["status"]) for row in rows] == [
@@ -224,7 +275,7 @@ def test_merge_and_average_flow_reproduces_the_pipelines_average(pipeline_run, t
         assert all(torch.equal(mine[k], pipeline[k]) for k in mine)
 
 
-def test_a_failed_preflight_stops_the_run_before_any_stage(harness, tiny_assets, tmp_path):
+def test_a_failed_preflight_stops_the_run_before_any_stage(prefect_api, tiny_assets, tmp_path):
     from prefect.artifacts import Artifact
 
     from flows.pipeline import bunny_pipeline
@@ -255,7 +306,7 @@ def training_processes(marker: str) -> list[int]:
     return found
 
 
-def test_cancelling_a_run_leaves_no_training_process(harness, tiny_assets, tmp_path):
+def test_cancelling_a_run_leaves_no_training_process(prefect_api, tiny_assets, tmp_path):
     """What a worker or `flow.serve` does to cancel: SIGTERM to the flow process, mid-training."""
     from prefect.settings import PREFECT_API_URL
 
@@ -273,7 +324,7 @@ def test_cancelling_a_run_leaves_no_training_process(harness, tiny_assets, tmp_p
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600  # preflight and a deepspeed start: minutes on a loaded machine
         progress = root / "pretrain" / "output" / "progress.json"
         while not progress.exists():
             assert flow_process.poll() is None, "the flow ended before training started"
@@ -302,7 +353,7 @@ def task_runs_of(flow_run_id) -> list:
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
-def test_a_failed_stage_leaves_no_unfinished_task_run_even_after_a_retry(harness, tiny_assets, tmp_path):
+def test_a_failed_stage_leaves_no_unfinished_task_run_even_after_a_retry(prefect_api, tiny_assets, tmp_path):
     """pretrain fails at once (its python cannot start): every later stage ends `NotRun`, named
     after its stage, in the first attempt and in a `prefect flow-run retry` of it."""
     from flows.pipeline import bunny_pipeline
@@ -317,7 +368,7 @@ def test_a_failed_stage_leaves_no_unfinished_task_run_even_after_a_retry(harness
     assert retried.returncode != 0  # pretrain fails again
     assert "not run: pretrain did not complete" in retried.stdout + retried.stderr
 
-    expected = {("preflight", "COMPLETED")} | {("pretrain", "FAILED")} | {(s, "CANCELLED") for s in STAGES[1:]}
+    expected = {("preflight", "COMPLETED")} | {("pretrain", "FAILED")} | {(s, "CANCELLED") for s in DEFAULT_STAGES[1:]}
     deadline = time.monotonic() + 30  # task runs reach the server as events
     while True:
         runs = task_runs_of(run_id)

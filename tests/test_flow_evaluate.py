@@ -1,9 +1,9 @@
 """The evaluate stage and the averaging weights chosen on data, in the flow.
 
-Fast: config -> jobs wiring (search replaces the fixed average, the evaluate stage scores
-every model on every set), completion keys, validation of the settings, the results table
-and preflight. Slow: one pipeline run on the tiny assets with the weight search and the
-evaluate stage, then a re-run that skips both.
+Config -> jobs wiring (search replaces the fixed average, the evaluate stage scores every
+model on every set), completion keys, validation of the settings, the results table and
+preflight. The two stages in a real pipeline run (and a re-run that skips both) are tested
+on tests/test_flow_e2e.py's run, which has them on: one pipeline run for both modules.
 """
 
 from __future__ import annotations
@@ -13,34 +13,13 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from pydantic import ValidationError
 
-from flows.config import AverageSettings, EvalSet, EvaluateSettings, GpuSettings, PipelineConfig
+from conftest import split_heldout
+from flows.config import AverageSettings, EvalSet, EvaluateSettings, PipelineConfig
 from flows.stages import AVERAGE, EVALUATE, AverageJob, EvaluateJob, SearchAverageJob, pipeline_jobs
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 MODELS = ["pretrain", "merge-recipe-1", "merge-recipe-2", "average"]
-
-
-def split_heldout(tiny_assets, folder: Path) -> tuple[EvalSet, EvalSet]:
-    """The tiny held-out file cut in two: a validation split and a test split."""
-    records = json.loads(tiny_assets.heldout_data.read_text())
-    half = len(records) // 2
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "validation.json").write_text(json.dumps(records[:half]))
-    (folder / "test.json").write_text(json.dumps(records[half:]))
-    images = tiny_assets.finetune_images
-    return (EvalSet(name="validation", data_path=folder / "validation.json", image_folder=images),
-            EvalSet(name="test", data_path=folder / "test.json", image_folder=images))
 
 
 def evaluated_config(tiny_assets, root: Path, search: bool, **demo) -> PipelineConfig:
@@ -173,86 +152,3 @@ def test_preflight_checks_the_eval_sets_of_the_stages_to_run(tiny_assets, tmp_pa
     assert run_preflight(config, ["average"], visible_gpus=[]).problems == []  # the search reads validation only
     passed = run_preflight(config, ["average"], visible_gpus=[]).passed
     assert any("eval set validation" in check for check in passed)
-
-
-# ---- slow: the stages in a real pipeline run --------------------------------------------------
-
-@pytest.fixture(scope="module")
-def evaluated_run(tiny_assets, tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.pipeline import bunny_pipeline
-
-    config = evaluated_config(tiny_assets, tmp_path_factory.mktemp("evaluate"), search=True, steps=2)
-    # a free master port: other test sessions on the machine hold deepspeed's default one
-    config = config.model_copy(update={"gpus": GpuSettings(master_port=free_port())})
-    with prefect_test_harness(server_startup_timeout=120):
-        first = bunny_pipeline(config)
-        marker = (config.output_root / EVALUATE / "stage-complete.json").read_text()
-        second = bunny_pipeline(config)
-        from prefect.artifacts import Artifact
-
-        artifacts = {key: Artifact.get(key) for key in
-                     ("evaluate-results", "evaluate-report", "average-weight-search", "evaluate-output")}
-    return {"config": config, "root": config.output_root, "first": first, "second": second,
-            "marker": marker, "artifacts": artifacts}
-
-
-@pytest.mark.slow
-def test_evaluate_stage_publishes_every_model_on_every_set(evaluated_run):
-    root, artifacts = evaluated_run["root"], evaluated_run["artifacts"]
-    assert [(row["stage"], row["status"]) for row in evaluated_run["first"]][-2:] == [(AVERAGE, "ran"), (EVALUATE, "ran")]
-    table = json.loads(artifacts["evaluate-results"].data)
-    assert artifacts["evaluate-results"].type == "table"
-    assert [(row["eval set"], row["model"]) for row in table] == [(s, m) for s in ("test", "validation") for m in MODELS]
-    eval_data = root.parent / "eval-data"
-    sizes = {name: len(json.loads((eval_data / f"{name}.json").read_text())) for name in ("test", "validation")}
-    assert all(row["records"] == sizes[row["eval set"]] and row["answer loss"] > 0 and 0 <= row["accuracy"] <= 1
-               for row in table)
-    report = artifacts["evaluate-report"]
-    assert report.type == "markdown" and report.data.count("data:image/png;base64,") == 2
-    for model in MODELS:
-        assert f"| test | {model} |" in report.data
-    assert (root / EVALUATE / "answer-loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (root / EVALUATE / "accuracy.png").is_file()
-    records = (root / EVALUATE / "output" / "test" / "pretrain" / "output" / "records.jsonl").read_text().splitlines()
-    assert len(records) == sizes["test"]
-
-
-@pytest.mark.slow
-def test_the_searched_average_is_the_pipelines_output(evaluated_run):
-    from safetensors.torch import load_file
-
-    root = evaluated_run["root"]
-    curve = json.loads((root / AVERAGE / "weight-search.json").read_text())
-    assert [c["weights"][0] for c in curve["curve"]] == [0.0, 0.3, 1.0]
-    best = min(curve["curve"], key=lambda c: c["loss"])
-    assert curve["weights"] == best["weights"] and curve["loss"] == best["loss"]
-    report = evaluated_run["artifacts"]["average-weight-search"]
-    assert report.type == "markdown" and "data:image/png;base64," in report.data
-    assert (root / AVERAGE / "weight-search.png").is_file()
-
-    def tensors(stage: str) -> dict[str, torch.Tensor]:
-        folder = root / stage / "output"
-        index = json.loads((folder / "model.safetensors.index.json").read_text())
-        return {k: v for shard in set(index["weight_map"].values()) for k, v in load_file(folder / shard).items()}
-
-    first, second, average = tensors("merge-recipe-1"), tensors("merge-recipe-2"), tensors("average")
-    w = curve["weights"][0]
-    for name, value in average.items():
-        expected = w * first[name].double() + (1 - w) * second[name].double()
-        torch.testing.assert_close(value.double(), expected.to(value.dtype).double(), rtol=1e-6, atol=1e-7)
-    # the evaluate stage's validation number for the average is the search's own
-    table = json.loads(evaluated_run["artifacts"]["evaluate-results"].data)
-    scored = next(r for r in table if (r["eval set"], r["model"]) == ("validation", AVERAGE))
-    assert scored["answer loss"] == pytest.approx(curve["loss"], rel=1e-3)
-
-
-@pytest.mark.slow
-def test_a_rerun_skips_the_search_and_the_evaluation(evaluated_run):
-    assert [row["status"] for row in evaluated_run["second"]] == ["skipped"] * len(evaluated_run["second"])
-    assert [row["stage"] for row in evaluated_run["second"]][-1] == EVALUATE
-    root = evaluated_run["root"]
-    assert (root / EVALUATE / "stage-complete.json").read_text() == evaluated_run["marker"]
-    assert sorted(p.name for p in (root / EVALUATE / "logs").iterdir()) == ["attempt-1.log"]
-    assert "evaluate output (complete from an earlier run)" == evaluated_run["artifacts"]["evaluate-output"].description

@@ -1,4 +1,4 @@
-"""Several runs and hosts on one Prefect server (the test harness's), on the CPU:
+"""Several runs and hosts on one Prefect server (the session's), on the CPU:
 
 * GPU slots: global concurrency limits named after host and GPU id, created on demand, held
   by stages whose (fake) GPU sets overlap one after the other, waiting said in the log;
@@ -29,14 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 POOLS = ("pool-a", "pool-b")
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def api_env(**extra: str) -> dict[str, str]:
     from prefect.settings import PREFECT_API_URL
 
@@ -44,7 +36,7 @@ def api_env(**extra: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_stages_on_overlapping_gpus_take_turns_through_global_slots(harness):
+def test_stages_on_overlapping_gpus_take_turns_through_global_slots(prefect_api):
     from prefect import get_client
 
     from flows.gpus import Placement
@@ -101,7 +93,7 @@ def one_stage_flow_script() -> str:
 
 
 @pytest.mark.slow
-def test_two_flow_runs_at_once_with_the_same_master_port_both_complete(harness, tiny_assets, tmp_path):
+def test_two_flow_runs_at_once_with_the_same_master_port_both_complete(prefect_api, tiny_assets, tmp_path):
     with socket.socket() as probe:
         probe.bind(("", 0))
         port = probe.getsockname()[1]  # the same, free, configured port for both
@@ -130,7 +122,7 @@ def test_two_flow_runs_at_once_with_the_same_master_port_both_complete(harness, 
 
 
 @pytest.fixture(scope="module")
-def workers(harness, tmp_path_factory):
+def workers(prefect_api, tmp_path_factory):
     """A `process` work pool per host stand-in, the per-stage flow deployed to each, a worker
     on each."""
     from prefect import flow, get_client

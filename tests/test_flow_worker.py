@@ -1,8 +1,8 @@
 """The flows under a real Prefect server, `process` work pool and worker, as users run them.
 
-One server for the module (its own PREFECT_HOME and port). Checks: `prefect deploy ... --all`
-asks nothing in a terminal; `prefect flow-run cancel` through the worker stops the stage's
-whole process tree and runs the cancellation hook without error.
+On the session's server (tests/conftest.py: its own PREFECT_HOME and port). Checks:
+`prefect deploy ... --all` asks nothing in a terminal; `prefect flow-run cancel` through the
+worker stops the stage's whole process tree and runs the cancellation hook without error.
 """
 
 from __future__ import annotations
@@ -14,43 +14,16 @@ import re
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-SERVER_START_TIMEOUT = 180.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _stop_group(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+from conftest import REPO, stop_group
 
 
 def _alive(pid: int) -> bool:
@@ -84,28 +57,9 @@ def test_a_plain_failure_names_no_signal(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server_env(tmp_path_factory):
-    """Environment of a client of a fresh Prefect server (own home, own port)."""
-    home = tmp_path_factory.mktemp("server-home")
-    port = _free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PYTHONPATH": str(REPO)}
-    env.pop("PREFECT_API_URL", None)
-    with open(home / "server.log", "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while not _healthy(api_url):
-            assert server.poll() is None, (home / "server.log").read_text()
-            assert time.monotonic() < deadline, "the Prefect server did not start"
-            time.sleep(1)
-        yield {**env, "PREFECT_API_URL": api_url, "PREFECT_WORKER_QUERY_SECONDS": "2"}
-    finally:
-        _stop_group(server)
+def server_env(prefect_server):
+    """Environment of a client of the session's Prefect server, as a user's shell has it."""
+    return prefect_server.client_env(PYTHONPATH=str(REPO), PREFECT_WORKER_QUERY_SECONDS="2")
 
 
 def _prefect(env: dict, *args: str, timeout: float = 120) -> str:
@@ -140,7 +94,7 @@ def _run_in_terminal(command: list[str], env: dict, cwd: Path, timeout: float) -
         else:
             raise AssertionError(f"still running after {timeout:g} s (waiting for an answer?):\n{output.decode()}")
     finally:
-        _stop_group(process)
+        stop_group(process)
         os.close(leader)
     return process.wait(), output.decode(errors="replace")
 
@@ -274,6 +228,6 @@ def test_cancel_through_the_worker_stops_the_stage_tree_and_runs_the_hook(server
         assert "An error was encountered while running hook" not in everything, everything
         assert "_stop_stages_hook" not in everything or "Traceback" not in everything, everything
     finally:
-        _stop_group(worker)
+        stop_group(worker)
         if pid_file.exists() and pid_file.read_text() and _alive(int(pid_file.read_text())):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)

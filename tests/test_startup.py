@@ -115,13 +115,27 @@ IMPORT_ORDERS = {
 }
 
 
-@pytest.mark.parametrize("order", IMPORT_ORDERS)
-def test_auto_classes_load_a_saved_bunny_model_in_a_fresh_process(order, saved_bunny_model):
-    code = IMPORT_ORDERS[order] + (
+@pytest.fixture(scope="module")
+def auto_class_runs(saved_bunny_model):
+    """One fresh interpreter per import order, all started at once (each spends seconds
+    importing torch and transformers: they share the cores instead of queueing)."""
+    code = (
         f"config = AutoConfig.from_pretrained({str(saved_bunny_model)!r})\n"
         f"model = AutoModelForCausalLM.from_pretrained({str(saved_bunny_model)!r})\n"
         "print(type(config).__name__, type(model).__name__)"
     )
-    result = run_python(code)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[-2:] == ["BunnyPhi3Config", "BunnyPhi3ForCausalLM"]
+    runs = {order: subprocess.Popen([sys.executable, "-c", imports + code], cwd=REPO, env=dict(os.environ),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for order, imports in IMPORT_ORDERS.items()}
+    yield runs
+    for run in runs.values():  # a test deselected or failed early leaves its run behind
+        if run.poll() is None:
+            run.kill()
+        run.wait()
+
+
+@pytest.mark.parametrize("order", IMPORT_ORDERS)
+def test_auto_classes_load_a_saved_bunny_model_in_a_fresh_process(order, auto_class_runs):
+    stdout, stderr = auto_class_runs[order].communicate(timeout=300)
+    assert auto_class_runs[order].returncode == 0, stderr[-3000:]
+    assert stdout.split()[-2:] == ["BunnyPhi3Config", "BunnyPhi3ForCausalLM"]

@@ -152,22 +152,27 @@ def test_attention_and_zero3_choices_on_a_cpu(tiny_assets):
 
 @pytest.mark.slow
 def test_tiny_benchmark_runs_pretrain_and_lora_through_deepspeed(tmp_path):
+    """The fewest steps that still measure: one warm-up step, two measured (an average of more
+    than one), the data loaded in the training process (the worker path is the tutorial's, run
+    by tests/test_train.py)."""
     out = tmp_path / "bench.jsonl"
     result = subprocess.run(
         [sys.executable, "-m", "bunny.bench.throughput", "--tiny", "--stages", "pretrain,lora", "--work-dir",
-         str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"), "--json-out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=400,
+         str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"), "--json-out", str(out),
+         "--warmup", "1", "--steps", "2", "--workers", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {row["stage"]: row for row in read_json_lines(out)}
     assert set(rows) == {"pretrain", "lora"}
     for name, seq, batch in (("pretrain", 729 + 64, 8), ("lora", 729 + 320, 4)):
         row = rows[name]
-        assert (row["seq"], row["batch"], row["steps_measured"], row["device"]) == (seq, batch, 3, "cpu")
-        assert row["samples_per_s"] > 0 and row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * seq, rel=0.01)
+        assert (row["seq"], row["batch"], row["steps_measured"], row["device"]) == (seq, batch, 2, "cpu")
+        # samples/s is rounded to 0.01, tokens/s to 1: a slow (loaded) machine's 0.19 samples/s is 1-3% off
+        assert row["samples_per_s"] > 0 and row["samples_per_s"] == pytest.approx(row["tokens_per_s"] / seq, abs=0.005 + 0.5 / seq)
         assert row["model_tflops"] > 0 and 0 <= row["data_wait_s"] < row["step_s"]
         assert row["peak_gib"] is None  # no GPU
         timing = json.loads((tmp_path / "work" / name / STEP_TIMING_FILE).read_text())
-        assert len(timing["steps"]) == 5  # 2 warm-up + 3 measured
+        assert len(timing["steps"]) == 3  # 1 warm-up + 2 measured
     assert rows["pretrain"]["deepspeed"] == "zero2" and rows["lora"]["deepspeed"] == "zero3"
     assert "fetched per layer for Phi3DecoderLayer, SiglipEncoderLayer" in (tmp_path / "work" / "lora" / "train.log").read_text()
