@@ -46,18 +46,28 @@ def test_stages_on_overlapping_gpus_take_turns_through_global_slots(prefect_api)
     waited: list[str] = []
     errors: list[BaseException] = []
 
+    holding = {name: threading.Event() for name in "abc"}
+    b_waits = threading.Event()
+
+    def on_wait(name: str) -> None:
+        waited.append(name)
+        b_waits.set()
+
     def stage(name: str, devices: tuple[int, ...]) -> None:
         try:
-            with hold_gpu_slots(Placement(devices=devices).gpu_slots(), on_wait=lambda: waited.append(name)):
+            with hold_gpu_slots(Placement(devices=devices).gpu_slots(), on_wait=lambda: on_wait(name)):
+                holding[name].set()
                 begin = time.monotonic()
-                time.sleep(3)
+                if name == "a":  # hold GPUs 0 and 1 until b waits for GPU 1 and c runs on GPU 3 (or a minute)
+                    b_waits.wait(timeout=60) and holding["c"].wait(timeout=60)
+                time.sleep(1)
                 spans[name] = (begin, time.monotonic())
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     first = threading.Thread(target=stage, args=("a", (0, 1)))
     first.start()
-    time.sleep(1.5)  # "a" holds GPUs 0 and 1
+    assert holding["a"].wait(timeout=120)  # "a" holds GPUs 0 and 1 (creating slots on demand takes a while)
     others = [threading.Thread(target=stage, args=args) for args in (("b", (1, 2)), ("c", (3,)))]
     for thread in others:
         thread.start()
