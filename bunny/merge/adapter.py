@@ -46,6 +46,11 @@ def list_keys(keys) -> str:
     return shown + (f" ... and {hidden} more" if hidden > 0 else "")
 
 
+def key_problems(*labelled: tuple[str, list[str]]) -> str:
+    """`label keys; label keys` for each (label, keys) whose keys are not empty ("" if none is)."""
+    return "; ".join(f"{label} {list_keys(keys)}" for label, keys in labelled if keys)
+
+
 def read_adapter_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -120,14 +125,11 @@ def check_adapter_tensors(
         for key, value in adapter.items()
         if key in expected and tuple(value.shape) != expected[key]
     ]
-    problems = [
-        f"keys that fit no LoRA layer of the model: {list_keys(unexpected)}" if unexpected else "",
-        f"missing keys: {list_keys(missing)}" if missing else "",
-        f"shapes that do not fit (r={r}): {list_keys(wrong_shape)}" if wrong_shape else "",
-    ]
-    if any(problems):
+    problems = key_problems(("keys that fit no LoRA layer of the model:", unexpected), ("missing keys:", missing),
+                            (f"shapes that do not fit (r={r}):", wrong_shape))
+    if problems:
         raise MergeError(f"{weights_file} does not fit the model and {weights_file.with_name('adapter_config.json')}: "
-                         + "; ".join(p for p in problems if p))
+                         + problems)
     scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
     return {
         name: LoraLayer(adapter[f"{PEFT_PREFIX}{name}.lora_A.weight"], adapter[f"{PEFT_PREFIX}{name}.lora_B.weight"], scale)

@@ -30,6 +30,7 @@ from transformers.utils import logging as hf_logging
 from bunny.merge.adapter import (
     LoraLayer,
     check_adapter_tensors,
+    key_problems,
     list_keys,
     peft_only_reason,
     read_adapter_config,
@@ -117,14 +118,11 @@ def check_non_lora(run: LoraRun, skeleton: nn.Module) -> tuple[dict[str, torch.T
     required = [k for k in parameters if k.startswith(PROJECTOR_PREFIX) or (tower_trained and k.startswith(TOWER_PREFIX))]
     missing = [key for key in required if key not in state and key not in unused]
     unused_missing = tuple(key for key in required if key not in state and key in unused)
-    problems = [
-        f"keys that are not weights of the model: {list_keys([PEFT_PREFIX + k for k in unexpected])}" if unexpected else "",
-        f"shapes that do not fit: {list_keys(wrong_shape)}" if wrong_shape else "",
-        f"missing keys: {list_keys([PEFT_PREFIX + k for k in missing])}" if missing else "",
-    ]
-    if any(problems):
-        raise MergeError(f"{run.non_lora_file} does not fit the model of {run.folder / 'config.json'}: "
-                         + "; ".join(p for p in problems if p))
+    problems = key_problems(("keys that are not weights of the model:", [PEFT_PREFIX + k for k in unexpected]),
+                            ("shapes that do not fit:", wrong_shape),
+                            ("missing keys:", [PEFT_PREFIX + k for k in missing]))
+    if problems:
+        raise MergeError(f"{run.non_lora_file} does not fit the model of {run.folder / 'config.json'}: " + problems)
     return state, tower_trained, unused_missing
 
 
@@ -164,14 +162,10 @@ def check_adapter_with_peft(run: LoraRun, skeleton: nn.Module) -> dict[str, torc
         for key, value in found.items()
         if key in expected and value.shape != expected[key]
     ]
-    problems = [
-        f"keys that fit no LoRA layer of the model: {list_keys(unexpected)}" if unexpected else "",
-        f"missing keys: {list_keys(missing)}" if missing else "",
-        f"shapes that do not fit (r={lora_config.r}): {list_keys(wrong_shape)}" if wrong_shape else "",
-    ]
-    if any(problems):
-        raise MergeError(f"{run.adapter_weights} does not fit the model and {run.adapter_config}: "
-                         + "; ".join(p for p in problems if p))
+    problems = key_problems(("keys that fit no LoRA layer of the model:", unexpected), ("missing keys:", missing),
+                            (f"shapes that do not fit (r={lora_config.r}):", wrong_shape))
+    if problems:
+        raise MergeError(f"{run.adapter_weights} does not fit the model and {run.adapter_config}: " + problems)
     return {PEFT_PREFIX + key: value for key, value in found.items()}
 
 
@@ -269,13 +263,8 @@ def load_unmerged_model(
     missing = sorted(info["missing_keys"])
     mismatched = [str(item) for item in info.get("mismatched_keys", [])]
     if missing or mismatched:
-        raise MergeError(
-            f"--model-base {model_base}: its weights do not fit the model "
-            + "; ".join(p for p in (
-                f"missing {list_keys(missing)}" if missing else "",
-                f"mismatched {list_keys(mismatched)}" if mismatched else "",
-            ) if p)
-        )
+        raise MergeError(f"--model-base {model_base}: its weights do not fit the model "
+                         + key_problems(("missing", missing), ("mismatched", mismatched)))
     refuse_non_finite(model.state_dict(), f"--model-base {model_base}")
     model.config.vision_tower_config = run.config.vision_tower_config
     model.config.mm_vision_tower = run.config.mm_vision_tower

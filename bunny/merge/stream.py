@@ -23,7 +23,7 @@ from typing import BinaryIO
 import torch
 
 from bunny.average import INDEX_NAME, SAFETENSORS_DTYPES, SINGLE_NAME, AverageError, TensorEntry, read_checkpoint
-from bunny.merge.adapter import LoraLayer, list_keys
+from bunny.merge.adapter import LoraLayer, key_problems, list_keys
 from bunny.merge.inputs import MergeError
 
 logger = logging.getLogger("bunny.merge")
@@ -97,13 +97,8 @@ def plan_merge(
     if missing_tower:
         raise MergeError(f"{tower_owner} lacks weights of the tower: {list_keys(missing_tower)}")
     if missing_base or wrong_shape:
-        raise MergeError(
-            f"{base_owner}: its weights do not fit the model "
-            + "; ".join(p for p in (
-                f"missing {list_keys(missing_base)}" if missing_base else "",
-                f"mismatched {list_keys(wrong_shape)}" if wrong_shape else "",
-            ) if p)
-        )
+        raise MergeError(f"{base_owner}: its weights do not fit the model "
+                         + key_problems(("missing", missing_base), ("mismatched", wrong_shape)))
     unplaced = sorted(set(lora) - {name.removesuffix(".weight") for name, item in plan.items() if item.lora is not None})
     if unplaced:  # checked against the model already: a bug if it happens
         raise RuntimeError(f"LoRA layers without a weight in the output: {list_keys(unplaced)}")
