@@ -38,14 +38,14 @@ DEMO_ANSWER_TOKENS = 16  # greedy answers are cut here: generation is most of th
 def _start_ui(port: int, workdir: Path) -> str:
     """Start `prefect server start` in the background (or reuse one on `port`); its API URL."""
     url = f"http://127.0.0.1:{port}"
-    if not _healthy(url):
+    if not server_healthy(url):
         with open(workdir / "prefect-server.log", "ab") as log:
             server = subprocess.Popen(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         deadline = time.monotonic() + UI_START_TIMEOUT
-        while not _healthy(url):
+        while not server_healthy(url):
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"the Prefect server did not start; see {workdir / 'prefect-server.log'}")
             time.sleep(0.5)
@@ -55,7 +55,8 @@ def _start_ui(port: int, workdir: Path) -> str:
     return f"{url}/api"
 
 
-def _healthy(url: str) -> bool:
+def server_healthy(url: str) -> bool:
+    """Whether the Prefect server at `url` (no `/api`) answers its health check."""
     try:
         with urllib.request.urlopen(f"{url}/api/health", timeout=2) as response:
             return response.status == 200
@@ -98,7 +99,7 @@ class TemporaryServer:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         for _ in range(SERVER_START_ATTEMPTS):
             assert self.process is not None
-            while not _healthy(self.api_url.removesuffix("/api")):
+            while not server_healthy(self.api_url.removesuffix("/api")):
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)

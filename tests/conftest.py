@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +53,8 @@ def prefect_server(tmp_path_factory):
     """One real Prefect server (`prefect server start`: own PREFECT_HOME and SQLite database, a
     free port) for every slow test that needs one: a start costs 15-20 s on two busy cores.
     Tests stay apart by their own names (work pools, deployments, flow runs, artifact keys)."""
+    from flows.demo import server_healthy
+
     home = tmp_path_factory.mktemp("prefect-server")
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
@@ -67,7 +68,7 @@ def prefect_server(tmp_path_factory):
         )
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while not _healthy(api_url):
+        while not server_healthy(api_url.removesuffix("/api")):
             assert server.poll() is None, (home / "server.log").read_text()
             assert time.monotonic() < deadline, "the Prefect server did not start"
             time.sleep(0.5)
@@ -90,14 +91,6 @@ def prefect_api(prefect_server):
             yield prefect_server
             APILogWorker.drain_all(timeout=60)
             EventsWorker.drain_all(timeout=60)
-
-
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def stop_group(process: subprocess.Popen) -> None:
