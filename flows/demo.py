@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from flows.launcher import SUPERVISOR, kill_group
+from flows.launcher import SUPERVISOR, kill_group, kill_orphaned_group
 
 DEFAULT_WORKDIR = Path("bunny-demo")
 UI_START_TIMEOUT = 120.0
@@ -119,8 +119,8 @@ class TemporaryServer:
             except subprocess.TimeoutExpired:
                 kill_group(self.process.pid)
                 self.process.wait()
-        if self.process is not None and self.process.returncode < 0:
-            kill_group(self.process.pid)  # a supervisor killed by a signal left the server in its group
+        if self.process is not None:
+            kill_orphaned_group(self.process)  # else the server outlives its killed supervisor
         self.process = None
 
 

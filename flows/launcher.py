@@ -135,13 +135,6 @@ class Launch:
             self.process.wait()
         self._reader.join(timeout=SUPERVISOR_EXTRA_SECONDS)
 
-    def kill_orphans(self) -> None:
-        """Kill what is left of the group of a supervisor that was itself killed by a signal
-        (SIGKILL by hand, the OOM killer): it could not stop its group, whose launcher and ranks
-        would otherwise train on, beside the task's retry, into the same output folder."""
-        if self.process.returncode is not None and self.process.returncode < 0:
-            kill_group(self.process.pid)
-
     def close(self) -> None:
         self._reader.join(timeout=SUPERVISOR_EXTRA_SECONDS)
         if self.process.stdin is not None:
@@ -154,6 +147,14 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def kill_orphaned_group(leader: subprocess.Popen) -> None:
+    """Kill what is left of the group of a supervisor (`leader`, started with
+    `start_new_session=True`) that was itself killed by a signal (SIGKILL by hand, the OOM
+    killer): it could not stop its group, which would otherwise live on without it."""
+    if leader.returncode is not None and leader.returncode < 0:
+        kill_group(leader.pid)
 
 
 _ACTIVE: dict[int, Launch] = {}
@@ -252,7 +253,7 @@ def run_supervised(
         if launch.process.poll() is None:
             launch.stop("the stage's task was interrupted")
             launch.wait_stopped()
-        launch.kill_orphans()
+        kill_orphaned_group(launch.process)  # else its launcher and ranks train on beside the retry
         with _ACTIVE_LOCK:
             _ACTIVE.pop(launch.process.pid, None)
         launch.close()
