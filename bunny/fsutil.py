@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
@@ -217,24 +218,22 @@ class Writeback:
         self._waited, self._queued = self._queued, end
 
 
-_SYNC_FILE_RANGE: list = []
-
-
+@functools.cache
 def _sync_file_range():
     """libc's sync_file_range as a Python callable raising OSError, or None where absent."""
-    if not _SYNC_FILE_RANGE:
-        function = None
-        if hasattr(os, "posix_fadvise"):  # Linux-like libc
-            import ctypes
+    if not hasattr(os, "posix_fadvise"):  # not a Linux-like libc
+        return None
+    import ctypes
 
-            libc = ctypes.CDLL(None, use_errno=True)
-            native = getattr(libc, "sync_file_range", None)
-            if native is not None:
-                native.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    libc = ctypes.CDLL(None, use_errno=True)
+    native = getattr(libc, "sync_file_range", None)
+    if native is None:
+        return None
+    native.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
-                def function(fd: int, offset: int, length: int, flags: int) -> None:
-                    if native(fd, offset, length, flags) != 0:
-                        code = ctypes.get_errno()
-                        raise OSError(code, os.strerror(code), "sync_file_range")
-        _SYNC_FILE_RANGE.append(function)
-    return _SYNC_FILE_RANGE[0]
+    def sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
+        if native(fd, offset, length, flags) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), "sync_file_range")
+
+    return sync_file_range
