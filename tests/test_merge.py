@@ -261,23 +261,27 @@ def peak_rss_growth(action) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
-def test_the_stream_holds_a_fraction_of_the_output_in_memory(frozen_run, tiny_assets, tmp_path):
-    """A 180 MB merge (benchmarks/merge_bench.py's inputs, narrower): the peak RSS grows by
-    well under the output's size (measured 0.43x; PEFT's path, which holds the model, 1.22x)."""
+def test_the_stream_holds_a_fraction_of_the_output_in_memory(tmp_path):
+    """A 316 MB merge (benchmarks/merge_bench.py's inputs, narrower): the peak RSS grows by
+    well under the output's size. The stream holds about two tensors and their float32
+    blocks, so its peak does not grow with the layers (measured 111-165 MB here at 2 and 16
+    threads, 0.35-0.52x; PEFT's path, which holds the model, 1.22x). At 4 layers (182 MB) a
+    first merge in a fresh process reached 0.77x: the allocator's slack is a fixed cost."""
     spec = importlib.util.spec_from_file_location("merge_bench", REPO / "benchmarks" / "merge_bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.build_inputs(
-        tmp_path, layers=4, tower_layers=2, frozen_tower=False, rank=16,
+        tmp_path, layers=8, tower_layers=2, frozen_tower=False, rank=16,
         llm_changes={"hidden_size": 1024, "intermediate_size": 4096, "vocab_size": 8192, "pad_token_id": 0, "eos_token_id": 2,
                      "num_attention_heads": 16, "num_key_value_heads": 16},
         tower_changes={"hidden_size": 384, "intermediate_size": 1536, "num_attention_heads": 6},
     )
-    merge_lora(frozen_run.folder, tiny_assets.llm, tmp_path / "warm-up")  # first-use imports and caches
+    merge_lora(tmp_path / "run", tmp_path / "base", tmp_path / "warm-up")  # first-use imports and caches
+    shutil.rmtree(tmp_path / "warm-up")
     out = tmp_path / "merged"
     growth = peak_rss_growth(lambda: merge_lora(tmp_path / "run", tmp_path / "base", out))
     output_bytes = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-    assert output_bytes > 150e6
+    assert output_bytes > 300e6
     assert growth < 0.75 * output_bytes, f"peak RSS grew {growth / 1e6:.0f} MB for a {output_bytes / 1e6:.0f} MB output"
 
 
