@@ -6,7 +6,13 @@ uninterrupted and watches which kinds of process live when. Then each trial:
 1. starts the pipeline in a fresh work folder (the tiny assets are copied, not rebuilt);
 2. SIGKILLs one process of the run's tree at a random moment of the life of the kind drawn for
    the trial: the flow process, a stage supervisor, the deepspeed launcher, a training rank, a
-   merge or an average process (every kind is drawn at least twice in 12+ trials);
+   merge or an average process (every kind is drawn at least twice in 12+ trials). The moment
+   is an offset drawn in that kind's life in the uninterrupted run, counted from the kind's
+   first appearance in the trial (a loaded trial runs slower than the reference: counted from
+   the trial's start, most kills would land in pretrain). For a share of the training kills
+   (supervisor, launcher, rank; `--after-checkpoint-share`) the moment is instead "once the
+   training stage drawn for the trial (pretrain or a recipe) has saved a complete mid-stage
+   checkpoint", and the victim is a process of that stage: the recovery must resume from it;
 3. lets the run end by itself (a task retry may absorb the kill), then checks that no process
    of the run is left and that every folder that looks complete is complete;
 4. recovers the way a user would: runs the same command again in the same folder, or, for
@@ -52,6 +58,9 @@ STAGES = ("pretrain", "recipe-1", "recipe-2", "merge-recipe-1", "merge-recipe-2"
 COMPLETE_MARKER = "stage-complete.json"
 TRAINING_COMPLETE = "training_complete.json"
 VICTIM_KINDS = ("flow", "supervisor", "launcher", "rank", "merge", "average")
+TRAINING_KINDS = ("supervisor", "launcher", "rank")  # their command lines name the stage's folder
+TRAINING_STAGES = STAGES[:3]
+CHECKPOINT = re.compile(r"^checkpoint-\d+$")
 KINDS = {  # what a process is, from its command line (first match wins)
     "supervisor": "flows/supervisor.py",
     "launcher": "deepspeed.launcher",
@@ -69,8 +78,9 @@ WATCH_SECONDS = 0.2
 class Trial:
     index: int
     kind: str  # the kind of process drawn to be killed
-    delay: float  # seconds after the start before which nothing is killed
+    delay: float  # seconds after the kind's first appearance before which nothing is killed
     recovery: str  # "re-run" or "retry"
+    checkpointed: str | None = None  # kill a process of this training stage once it has saved a checkpoint
     victim: str = "-"
     killed_at: float | None = None
     interrupted_rc: int | None = None
@@ -249,6 +259,23 @@ def attempt_logs(root: Path, stage: str) -> list[str]:
     return sorted(p.name for p in (root / stage / "logs").glob("attempt-*.log"))
 
 
+def has_checkpoint(root: Path, stage: str) -> bool:
+    """Whether a training stage still running has saved a complete mid-stage checkpoint (the
+    trainer writes its trainer_state.json last)."""
+    output = root / stage / "output"
+    if (root / stage / COMPLETE_MARKER).exists() or (output / TRAINING_COMPLETE).exists() or not output.is_dir():
+        return False
+    return any(CHECKPOINT.match(p.name) and (p / "trainer_state.json").is_file() for p in output.iterdir())
+
+
+def processes_of_checkpointed_stage(pids: list[int], root: Path, stage: str) -> list[int]:
+    """Those of `pids` whose command line names `stage`'s folder, once it has a checkpoint."""
+    if not has_checkpoint(root, stage):
+        return []
+    folder = str(root / stage) + os.sep
+    return [pid for pid in pids if folder in _cmdline(pid)]
+
+
 def resumed_stages(root: Path) -> list[str]:
     """Training stages one of whose attempts resumed from a checkpoint."""
     return [stage for stage in STAGES[:3]
@@ -336,20 +363,24 @@ def run_trial(trial: Trial, base: Path, assets: Path, steps: int, evaluate: bool
     root = workdir / "pipeline"
     process = start(pipeline_command(workdir, steps, evaluate), workdir, "interrupted.log")
     seen: set[tuple[int, int]] = set()
+    first_seen: float | None = None  # when a process of the drawn kind first appeared
     while process.poll() is None:  # from the drawn moment on, kill the first process of the drawn kind
         now = time.monotonic() - started
         members = tree(process.pid)
         seen.update(i for pid in members if (i := identity(pid)))
-        if now >= trial.delay:
-            candidates = [pid for pid in members if kind_of(pid, process.pid) == trial.kind]
-            if candidates:
-                pid = rng.choice(candidates)
-                trial.victim, trial.killed_at = trial.kind, now
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    trial.victim += " (gone)"
-                break
+        candidates = [pid for pid in members if kind_of(pid, process.pid) == trial.kind]
+        if candidates and first_seen is None:
+            first_seen = now
+        if trial.checkpointed:
+            candidates = processes_of_checkpointed_stage(candidates, root, trial.checkpointed)
+        if candidates and (trial.checkpointed or now >= first_seen + trial.delay):
+            pid = rng.choice(candidates)
+            trial.victim, trial.killed_at = trial.kind, now
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                trial.victim += " (gone)"
+            break
         time.sleep(WATCH_SECONDS)
     else:
         trial.victim = "(none alive)"
@@ -403,32 +434,38 @@ def run_trial(trial: Trial, base: Path, assets: Path, steps: int, evaluate: bool
             shutil.rmtree(output, ignore_errors=True)
 
 
-def schedule(count: int, lives: dict[str, list[float]], rng: random.Random, retry_share: float) -> list[Trial]:
+def schedule(count: int, lives: dict[str, list[float]], rng: random.Random, retry_share: float,
+             after_checkpoint_share: float, victim_kinds: tuple[str, ...] = VICTIM_KINDS) -> list[Trial]:
     """Each trial's kind (every kind twice while trials last, then uniformly drawn, shuffled), a
-    moment drawn in that kind's life in the uninterrupted run, and its recovery."""
-    kinds = [kind for kind in VICTIM_KINDS for _ in range(2)][:count]
-    kinds += [rng.choice(VICTIM_KINDS) for _ in range(count - len(kinds))]
+    moment drawn in that kind's life in the uninterrupted run (an offset from its first
+    appearance) or, for a share of the training kinds, "after a checkpoint", and its recovery."""
+    kinds = [kind for kind in victim_kinds for _ in range(2)][:count]
+    kinds += [rng.choice(victim_kinds) for _ in range(count - len(kinds))]
     rng.shuffle(kinds)
     trials = []
     for index, kind in enumerate(kinds):
         first, last = lives[kind]
-        delay = rng.uniform(first, first + 0.9 * (last - first))  # not the last moments: a faster run ends them
+        delay = rng.uniform(0.0, 0.9 * (last - first))  # not the last moments: a faster run ends them
         recovery = "retry" if kind != "flow" and rng.random() < retry_share else "re-run"
-        trials.append(Trial(index, kind, delay, recovery))
+        after_checkpoint = kind in TRAINING_KINDS and rng.random() < after_checkpoint_share
+        checkpointed = rng.choice(TRAINING_STAGES) if after_checkpoint else None
+        trials.append(Trial(index, kind, delay, recovery, checkpointed))
     return trials
 
 
 def row(trial: Trial) -> str:
     diff = "-" if trial.max_abs_diff is None else f"{trial.max_abs_diff:.3g}"
     killed = "-" if trial.killed_at is None else f"{trial.killed_at:.0f}s"
+    if trial.checkpointed:
+        killed += f" ({trial.checkpointed} checkpointed)"
     redone = ",".join(trial.redone) or "-"
     resumed = ",".join(trial.resumed) or "-"
     result = "ok" if trial.ok else "FAIL: " + "; ".join(trial.problems)
-    return (f"{trial.index:>5}  {trial.kind:<10} {killed:>7}  {trial.victim:<14} {trial.interrupted_rc!s:>4}  "
+    return (f"{trial.index:>5}  {trial.kind:<10} {killed:>28}  {trial.victim:<14} {trial.interrupted_rc!s:>4}  "
             f"{trial.recovery:<7} {trial.recovered_rc!s:>4}  {redone:<40} {resumed:<26} {diff:>9}  {trial.seconds:>5.0f}s  {result}")
 
 
-HEADER = (f"{'trial':>5}  {'kind':<10} {'killed':>7}  {'victim':<14} {'rc':>4}  {'recover':<7} {'rc2':>4}  "
+HEADER = (f"{'trial':>5}  {'kind':<10} {'killed':>28}  {'victim':<14} {'rc':>4}  {'recover':<7} {'rc2':>4}  "
           f"{'stages the recovery ran':<40} {'resumed from a checkpoint':<26} {'max|diff|':>9}  {'time':>6}  result")
 
 
@@ -441,6 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="trials run at the same time")
     parser.add_argument("--retry-share", type=float, default=0.3,
                         help="share of trials (flow kills excepted) recovered with `prefect flow-run retry`")
+    parser.add_argument("--after-checkpoint-share", type=float, default=0.5,
+                        help="share of the training kills (supervisor, launcher, rank) made once a training "
+                        "stage has saved a checkpoint, to a process of that stage")
+    parser.add_argument("--kinds", default=",".join(VICTIM_KINDS),
+                        help=f"kinds of process to draw victims from (default: all, {','.join(VICTIM_KINDS)})")
     parser.add_argument("--evaluate", action="store_true", help="run the demo itself, evaluate stage included")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bunny-fault-trials"))
     parser.add_argument("--only", type=int, nargs=2, metavar=("FIRST", "END"),
@@ -484,7 +526,11 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{kind} {a:.0f}-{b:.0f}" for kind, (a, b) in lives.items()), flush=True)
     print(HEADER, flush=True)
 
-    trials = schedule(args.trials, lives, rng, args.retry_share)
+    victim_kinds = tuple(args.kinds.split(","))
+    unknown = sorted(set(victim_kinds) - set(VICTIM_KINDS))
+    if unknown:
+        parser.error(f"--kinds: unknown {unknown}; choose from {','.join(VICTIM_KINDS)}")
+    trials = schedule(args.trials, lives, rng, args.retry_share, args.after_checkpoint_share, victim_kinds)
     rngs = [random.Random(rng.random()) for _ in trials]  # each trial's victim draw, whatever the order
     if args.only:
         trials = trials[args.only[0]:args.only[1]]
@@ -507,14 +553,16 @@ def main(argv: list[str] | None = None) -> int:
     killed = {kind: sum(t.victim == kind for t in trials) for kind in VICTIM_KINDS}
     recoveries = {way: sum(t.recovery == way for t in trials) for way in ("re-run", "retry")}
     identical = sum(t.max_abs_diff == 0.0 for t in trials)
+    resumed = sum(bool(t.resumed) for t in trials)
     print(f"\nsummary: {passed}/{len(trials)} trials passed; killed per kind: "
           + ", ".join(f"{k} x{v}" for k, v in killed.items())
           + f" ({sum(killed.values())} kills); recoveries: re-run x{recoveries['re-run']}, "
-          f"retry x{recoveries['retry']}; bit-identical averages: {identical}/{len(trials)}; "
+          f"retry x{recoveries['retry']}; resumed from a checkpoint: {resumed}/{len(trials)}; "
+          f"bit-identical averages: {identical}/{len(trials)}; "
           f"{elapsed / 60:.0f} min for the trials at --jobs {args.jobs}, 5-min load average "
           f"{min(loads, default=0):.1f}-{max(loads, default=0):.1f}")
     print(json.dumps({"trials": len(trials), "passed": passed, "killed": killed, "recoveries": recoveries,
-                      "identical": identical, "steps": args.steps, "jobs": args.jobs,
+                      "identical": identical, "resumed": resumed, "steps": args.steps, "jobs": args.jobs,
                       "baseline_seconds": round(baseline_seconds, 1), "trials_seconds": round(elapsed, 1)}))
     return 0 if passed == len(trials) else 1
 
