@@ -112,7 +112,8 @@ def merge_lora(
     if reason is None:
         logger.info("merging %s into %s (%s), tensor by tensor", run.folder, model_base, out_dtype)
         tensor_of, close_inputs = tensor_source(plan)
-        write_weights = lambda folder: write_sharded_lazily(specs, tensor_of, folder, max_shard_bytes)  # noqa: E731
+        workers = torch.get_num_threads()  # one tensor per core at a time instead of one op over all cores
+        write_weights = lambda folder: write_sharded_lazily(specs, tensor_of, folder, max_shard_bytes, workers)  # noqa: E731
     else:
         logger.info("merging through PEFT (%s): loading %s (%s) with the tower from %s",
                     reason, model_base, out_dtype, tower_path or run.non_lora_file)

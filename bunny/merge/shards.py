@@ -13,10 +13,10 @@ at most ``max_shard_bytes`` (a larger tensor gets a shard of its own) and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import struct
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from bunny.average import INDEX_NAME, SAFETENSORS_DTYPES, SHARD_NAME
+from bunny.fsutil import DirectFile
 
 DTYPE_NAMES: dict[torch.dtype, str] = {info.torch_dtype: name for name, info in SAFETENSORS_DTYPES.items()}
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]  # dtype and shape: all a header needs
@@ -79,36 +80,47 @@ def safetensors_header(tensors: dict[str, TensorSpec]) -> tuple[bytes, list[str]
     return struct.pack("<Q", len(encoded)) + encoded, order
 
 
-def write_safetensors(path: Path, specs: dict[str, TensorSpec], tensor_of: Callable[[str], torch.Tensor]) -> None:
+def write_safetensors(
+    path: Path, specs: dict[str, TensorSpec], tensor_of: Callable[[str], torch.Tensor], workers: int = 1
+) -> None:
     """One safetensors file: the header from ``specs``, then each tensor, asked of
-    ``tensor_of`` only when its turn comes, written as is and dropped. The next tensor is
-    computed (in a second thread: torch and file writes release the GIL) while one is being
-    written, so at most two are held.
+    ``tensor_of`` only when its turn comes, written as is and dropped.
 
-    On a failed write (a full disk) the file is closed with its own errors suppressed, so
-    the caller sees the write's error, not one raised while flushing during clean-up."""
+    ``workers`` threads compute the next tensors while one is being written (torch and file
+    writes release the GIL), each with torch's intra-op parallelism off: side by side, their
+    ops never wait at a barrier for a core that another process holds, as one op's threads
+    do. At most ``workers + 1`` tensors are held. The file bypasses the page cache
+    (``DirectFile``): the disk writes it while the next tensors are computed, and the final
+    fsync finds nothing left to do.
+
+    On a failed write (a full disk) the file is abandoned without a second error, so the
+    caller sees the write's error, not one raised during clean-up."""
     header, order = safetensors_header(specs)
-    handle = open(path, "wb")
+    threads = torch.get_num_threads()  # restored at the end: the workers' initializer sets the global count
+    output = DirectFile(path)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge-tensor",
+                              initializer=torch.set_num_threads, initargs=(1,))
     try:
-        handle.write(header)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-tensor") as ahead:
-            upcoming = ahead.submit(tensor_of, order[0]) if order else None
-            for position, name in enumerate(order):
-                tensor = upcoming.result().detach()
-                following = order[position + 1] if position + 1 < len(order) else None
-                upcoming = ahead.submit(tensor_of, following) if following is not None else None
-                if (tensor.dtype, tuple(tensor.shape)) != specs[name]:
-                    raise RuntimeError(f"{name}: {tensor.dtype} {tuple(tensor.shape)}, the header says {specs[name]}")
-                if tensor.device.type != "cpu":
-                    tensor = tensor.cpu()
-                raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy when contiguous
-                handle.write(raw.data)
-                del tensor, raw
+        output.write(header)
+        pending = deque(pool.submit(tensor_of, name) for name in order[:workers + 1])
+        for position, name in enumerate(order):
+            tensor = pending.popleft().result().detach()
+            if position + len(pending) + 1 < len(order):
+                pending.append(pool.submit(tensor_of, order[position + len(pending) + 1]))
+            if (tensor.dtype, tuple(tensor.shape)) != specs[name]:
+                raise RuntimeError(f"{name}: {tensor.dtype} {tuple(tensor.shape)}, the header says {specs[name]}")
+            if tensor.device.type != "cpu":
+                tensor = tensor.cpu()
+            output.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy when contiguous
+            del tensor
+        output.close()
     except BaseException:
-        with contextlib.suppress(OSError):
-            handle.close()
+        pool.shutdown(cancel_futures=True)
+        output.abort()
         raise
-    handle.close()
+    finally:
+        pool.shutdown()
+        torch.set_num_threads(threads)
 
 
 def sharded_size(specs: dict[str, TensorSpec], max_shard_bytes: int) -> int:
@@ -124,15 +136,16 @@ def sharded_size(specs: dict[str, TensorSpec], max_shard_bytes: int) -> int:
 
 
 def write_sharded_lazily(
-    specs: dict[str, TensorSpec], tensor_of: Callable[[str], torch.Tensor], folder: Path, max_shard_bytes: int
+    specs: dict[str, TensorSpec], tensor_of: Callable[[str], torch.Tensor], folder: Path, max_shard_bytes: int,
+    workers: int = 1,
 ) -> tuple[list[str], int, int]:
-    """Write the tensors ``specs`` describes (in that order, computed one at a time by
-    ``tensor_of``) as shards plus index into ``folder``; returns (shard names, tensors, bytes)."""
+    """Write the tensors ``specs`` describes (in that order, computed by ``tensor_of`` in
+    ``workers`` threads) as shards plus index into ``folder``; returns (shard names, tensors, bytes)."""
     plan = plan_shards(specs, max_shard_bytes)
     names = [SHARD_NAME.format(index=i + 1, total=len(plan)) for i in range(len(plan))]
     weight_map = {}
     for shard_name, tensor_names in zip(names, plan):
-        write_safetensors(folder / shard_name, {name: specs[name] for name in tensor_names}, tensor_of)
+        write_safetensors(folder / shard_name, {name: specs[name] for name in tensor_names}, tensor_of, workers=workers)
         weight_map.update(dict.fromkeys(tensor_names, shard_name))
     total_size = sum(_spec_nbytes(spec) for spec in specs.values())
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
