@@ -44,11 +44,11 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 from bunny.cli import UserError, add_debug_flag, run_cli
 from bunny.fsutil import (
-    Writeback,
+    DirectFile,
     atomic_output_dir,
     format_bytes,
     free_bytes,
@@ -76,6 +76,9 @@ WEIGHT_SUM_TOLERANCE = 1e-6
 # 16-bit floats whose bits, sign masked off, are at least this are NaN or inf.
 NONFINITE_BITS = {"bfloat16": 0x7F80, "float16": 0x7C00}  # by dtype name: torch is imported lazily
 MAX_HEADER_BYTES = 100 * 2**20
+# Two output buffers of this size per shard being written: one filled while the disk takes
+# the other (O_DIRECT, see DirectFile); large requests keep the disk streaming.
+OUTPUT_BUFFER_BYTES = 32 * 2**20
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python 3.11 lacks the name
 
 
@@ -380,41 +383,30 @@ class SafetensorsWriter:
         self.expected_bytes = offset
         self.written_bytes = 0
         self._header = struct.pack("<Q", len(encoded)) + encoded
-        self._handle: BinaryIO | None = None
-        # The disk writes the shard while it is computed: the final fsync only finds the tail.
-        self._writeback = Writeback()
-        self._writeback_checked = 0
+        self._file: DirectFile | None = None
 
     @property
     def file_size(self) -> int:
         """Bytes of the finished file: header and tensors."""
         return len(self._header) + self.expected_bytes
 
-    def _open(self) -> BinaryIO:
-        if self._handle is None:
-            self._handle = open(self.path, "wb")
-            self._handle.write(self._header)
-        return self._handle
+    def _open(self) -> DirectFile:
+        if self._file is None:
+            # Past the page cache: the disk writes the shard while it is computed, and the
+            # final fsync finds nothing left (see DirectFile).
+            self._file = DirectFile(self.path, buffer_bytes=OUTPUT_BUFFER_BYTES, buffers=2)
+            self._file.write(self._header)
+        return self._file
 
     def write(self, data: memoryview) -> None:
-        handle = self._open()
-        handle.write(data)
+        self._open().write(data)
         self.written_bytes += data.nbytes
-        end = len(self._header) + self.written_bytes
-        if end - self._writeback_checked >= self._writeback.window:
-            handle.flush()  # the disk can only take what the OS has
-            self._writeback.wrote(handle.fileno(), end)
-            self._writeback_checked = end
 
     def abort(self) -> None:
         """Close without the completeness check (the folder is being thrown away). Never
-        raises: closing flushes the buffer, which fails again on a full disk, and that second
-        error must not replace the one being handled."""
-        if self._handle is not None:
-            try:
-                self._handle.close()
-            except OSError:
-                pass
+        raises: the error being handled must not be replaced by one from the clean-up."""
+        if self._file is not None:
+            self._file.abort()
 
     def close(self) -> None:
         self._open().close()

@@ -249,8 +249,8 @@ class DirectFile:
     same file) while the caller fills the next one: the disk and the caller's arithmetic
     overlap. The last buffer is padded to the alignment and the file cut back to its size.
     Where the file system refuses ``O_DIRECT`` (tmpfs on older kernels, some network file
-    systems) the same writes go through the page cache. Durability still comes from fsync:
-    the size and the block map are metadata.
+    systems) the same writes go through the page cache, sent to disk window by window
+    (``Writeback``). Durability still comes from fsync: the size and the block map are metadata.
 
     ``write`` and ``close`` raise the first error of the disk (ENOSPC, EIO...); ``abort``
     never raises."""
@@ -281,6 +281,7 @@ class DirectFile:
         self._buffer, self._fill, self._start = self._free.get(), 0, 0
         self._error: BaseException | None = None
         self._closed = False
+        self._writeback = Writeback()  # for the page-cache fallback
         self._thread = threading.Thread(target=self._drain, name=f"direct-write {self.path.name}", daemon=True)
         self._thread.start()
 
@@ -365,6 +366,8 @@ class DirectFile:
             view, offset = view[written:], offset + written
             if view.nbytes and self.direct and written % self.ALIGNMENT:
                 self._buffered()  # a short write left the rest unaligned
+        if not self.direct:
+            self._writeback.wrote(self._fd, offset)
 
     @staticmethod
     def direct_flag(fd: int) -> bool:
