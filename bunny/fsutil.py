@@ -333,7 +333,11 @@ class DirectFile:
         self._thread.join()
 
     def _release(self) -> None:
+        """Close the file and free the buffers (the writer thread has stopped)."""
         self._closed = True
+        self._buffer = None
+        while not self._free.empty():
+            self._free.get().close()
         with contextlib.suppress(OSError):
             os.close(self._fd)
 
