@@ -337,7 +337,7 @@ class DirectFile:
         self._closed = True
         self._buffer = None
         while not self._free.empty():
-            self._free.get().close()
+            self._free.get()  # dropped, not closed: an error's traceback may still view one
         with contextlib.suppress(OSError):
             os.close(self._fd)
 
