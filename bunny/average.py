@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bunny import safetensors_io
 from bunny.cli import UserError, add_debug_flag, run_cli
 from bunny.fsutil import (
     DirectFile,
@@ -348,17 +349,10 @@ def parse_size(size: int | str) -> int:
 def plan_shards(entries: Sequence[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:
     """Group tensors, in order, into shards of at most `max_shard_bytes` (an oversized tensor
     gets its own); inside a shard, wider dtypes go first so every tensor stays aligned."""
-    shards: list[list[TensorEntry]] = []
-    size = 0
-    for entry in entries:
-        if not shards or (shards[-1] and size + entry.nbytes > max_shard_bytes):
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += entry.nbytes
-    return [
-        sorted(shard, key=lambda e: -SAFETENSORS_DTYPES[e.dtype].itemsize) for shard in shards
-    ]
+    by_name = {entry.name: entry for entry in entries}
+    itemsize = {entry.name: SAFETENSORS_DTYPES[entry.dtype].itemsize for entry in entries}
+    shards = safetensors_io.plan_shards({entry.name: entry.nbytes for entry in entries}, max_shard_bytes)
+    return [[by_name[name] for name in safetensors_io.aligned_order(shard, itemsize)] for shard in shards]
 
 
 class SafetensorsWriter:
@@ -368,21 +362,10 @@ class SafetensorsWriter:
     The file is created on the first write (or on close, for a shard of empty tensors)."""
 
     def __init__(self, path: Path, entries: Sequence[TensorEntry]) -> None:
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for entry in entries:
-            header[entry.name] = {
-                "dtype": entry.dtype,
-                "shape": list(entry.shape),
-                "data_offsets": [offset, offset + entry.nbytes],
-            }
-            offset += entry.nbytes
-        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        encoded += b" " * (-len(encoded) % 8)
+        self._header = safetensors_io.header_bytes({e.name: (e.dtype, e.shape, e.nbytes) for e in entries})
         self.path = path
-        self.expected_bytes = offset
+        self.expected_bytes = sum(entry.nbytes for entry in entries)
         self.written_bytes = 0
-        self._header = struct.pack("<Q", len(encoded)) + encoded
         self._file: DirectFile | None = None
 
     @property
@@ -726,8 +709,7 @@ def average_checkpoints(
     shard_names = [SHARD_NAME.format(index=i + 1, total=len(plan)) for i in range(len(plan))]
     weight_map = {e.name: name for name, shard in zip(shard_names, plan) for e in shard}
     total_size = sum(e.nbytes for e in checkpoints[0].tensors.values())
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    index_text = json.dumps(index, indent=2) + "\n"
+    index_text = safetensors_io.index_text(weight_map, total_size)
     shard_sizes = [SafetensorsWriter(Path(name), shard).file_size for name, shard in zip(shard_names, plan)]
     file_sizes = shard_sizes + [len(index_text.encode("utf-8"))] + non_weight_file_sizes(checkpoints[inherit_from])
     if problem := free_space_problem(output, file_sizes):

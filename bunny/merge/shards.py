@@ -13,9 +13,7 @@ at most ``max_shard_bytes`` (a larger tensor gets a shard of its own) and
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bunny import safetensors_io
 from bunny.average import INDEX_NAME, SAFETENSORS_DTYPES, SHARD_NAME
 from bunny.fsutil import DirectFile
 
@@ -50,34 +49,18 @@ def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def plan_shards(specs: dict[str, TensorSpec], max_shard_bytes: int) -> list[list[str]]:
     """Names, in order, grouped into shards of at most ``max_shard_bytes``."""
-    shards: list[list[str]] = []
-    size = 0
-    for name, spec in specs.items():
-        nbytes = _spec_nbytes(spec)
-        if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
+    return safetensors_io.plan_shards({name: _spec_nbytes(spec) for name, spec in specs.items()}, max_shard_bytes)
 
 
 def safetensors_header(tensors: dict[str, TensorSpec]) -> tuple[bytes, list[str]]:
     """The header of a safetensors file holding tensors of these dtypes and shapes, and the
     order their data follows in: wider dtypes first, so every tensor stays aligned."""
-    order = sorted(tensors, key=lambda name: -tensors[name][0].itemsize)
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in order:
-        dtype, shape = tensors[name]
+    for name, (dtype, _) in tensors.items():
         if dtype not in DTYPE_NAMES:
             raise ValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
-        end = offset + math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
-        offset = end
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)
-    return struct.pack("<Q", len(encoded)) + encoded, order
+    order = safetensors_io.aligned_order(list(tensors), {name: dtype.itemsize for name, (dtype, _) in tensors.items()})
+    layout = {name: (DTYPE_NAMES[tensors[name][0]], tensors[name][1], _spec_nbytes(tensors[name])) for name in order}
+    return safetensors_io.header_bytes(layout), order
 
 
 def write_safetensors(
@@ -127,12 +110,10 @@ def sharded_size(specs: dict[str, TensorSpec], max_shard_bytes: int) -> int:
     """Bytes ``write_sharded`` writes for tensors of these dtypes and shapes: data, every
     shard's header and the index."""
     plan = plan_shards(specs, max_shard_bytes)
-    total = sum(_spec_nbytes(spec) for spec in specs.values())
-    for names in plan:
-        total += len(safetensors_header({name: specs[name] for name in names})[0])
-    shard_name_length = len(SHARD_NAME.format(index=1, total=len(plan)))
-    total += sum(len(name) + shard_name_length + 12 for name in specs) + 128  # index.json
-    return total
+    data = sum(_spec_nbytes(spec) for spec in specs.values())
+    headers = sum(len(safetensors_header({name: specs[name] for name in names})[0]) for names in plan)
+    weight_map = {name: SHARD_NAME.format(index=i + 1, total=len(plan)) for i, names in enumerate(plan) for name in names}
+    return data + headers + len(safetensors_io.index_text(weight_map, data).encode("utf-8"))
 
 
 def write_sharded_lazily(
@@ -148,8 +129,7 @@ def write_sharded_lazily(
         write_safetensors(folder / shard_name, {name: specs[name] for name in tensor_names}, tensor_of, workers=workers)
         weight_map.update(dict.fromkeys(tensor_names, shard_name))
     total_size = sum(_spec_nbytes(spec) for spec in specs.values())
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    (folder / INDEX_NAME).write_text(safetensors_io.index_text(weight_map, total_size), encoding="utf-8")
     return names, len(specs), total_size
 
 
