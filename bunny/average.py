@@ -807,4 +807,6 @@ def _average_from_args(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bunny.cli import exit_now
+
+    exit_now(main())  # torch's teardown at exit would cost seconds of CPU
