@@ -478,6 +478,21 @@ def test_nan_or_inf_in_an_input_is_refused_by_name(frozen_run, tiny_assets, tmp_
     with pytest.raises(MergeError, match=f"--model-base {base} holds NaN or inf values in model.norm.weight"):
         merge_lora(frozen_run.folder, base, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # Finite inputs whose cast to the output dtype overflows: a run's tensor (screened when
+    # loaded, so screened again only when its values change) and a base tensor.
+    state = torch.load(frozen_run.folder / NON_LORA, weights_only=True)
+    state[PROJECTOR_KEY] = state[PROJECTOR_KEY].clone()
+    state[PROJECTOR_KEY][0, 0] = 1e6  # beyond float16's 65504
+    torch.save(state, folder / NON_LORA)
+    shutil.copy(frozen_run.folder / "adapter_model.safetensors", folder / "adapter_model.safetensors")
+    projector = PROJECTOR_KEY.removeprefix("base_model.model.")
+    with pytest.raises(MergeError, match=f"merging {projector} gives values beyond torch.float16's range"):
+        merge_lora(folder, tiny_assets.llm, tmp_path / "out", dtype="float16")
+    weights["model.norm.weight"][0] = 1e6
+    save_file(weights, base / "model.safetensors")
+    with pytest.raises(MergeError, match="merging model.norm.weight gives values beyond torch.float16's range"):
+        merge_lora(frozen_run.folder, base, tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists()
 
 
 def test_free_space_is_checked_before_loading_and_counts_everything_written(frozen_run, tiny_assets, tmp_path, monkeypatch):
