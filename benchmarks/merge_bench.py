@@ -238,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             print(printed.splitlines()[-1])
         for key, value in figures.items():
             print(f"{key:>32}: {value}")
+        if {"peft", "stream"} <= set(runs):
+            print(f"stream vs peft: {figures['speedup_stream_vs_peft']:.2f}x faster in wall time (target >= 3x), "
+                  f"{figures['cpu_ratio_peft_over_stream']:.2f}x less CPU; stream's peak RSS "
+                  f"{figures['stream_peak_over_output']:.2f}x the output (target <= 1.1x)")
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
     finally:

@@ -44,11 +44,12 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
+from bunny import safetensors_io
 from bunny.cli import UserError, add_debug_flag, run_cli
 from bunny.fsutil import (
-    Writeback,
+    DirectFile,
     atomic_output_dir,
     format_bytes,
     free_bytes,
@@ -76,6 +77,9 @@ WEIGHT_SUM_TOLERANCE = 1e-6
 # 16-bit floats whose bits, sign masked off, are at least this are NaN or inf.
 NONFINITE_BITS = {"bfloat16": 0x7F80, "float16": 0x7C00}  # by dtype name: torch is imported lazily
 MAX_HEADER_BYTES = 100 * 2**20
+# Two output buffers of this size per shard being written: one filled while the disk takes
+# the other (O_DIRECT, see DirectFile); large requests keep the disk streaming.
+OUTPUT_BUFFER_BYTES = 32 * 2**20
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python 3.11 lacks the name
 
 
@@ -345,17 +349,10 @@ def parse_size(size: int | str) -> int:
 def plan_shards(entries: Sequence[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:
     """Group tensors, in order, into shards of at most `max_shard_bytes` (an oversized tensor
     gets its own); inside a shard, wider dtypes go first so every tensor stays aligned."""
-    shards: list[list[TensorEntry]] = []
-    size = 0
-    for entry in entries:
-        if not shards or (shards[-1] and size + entry.nbytes > max_shard_bytes):
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += entry.nbytes
-    return [
-        sorted(shard, key=lambda e: -SAFETENSORS_DTYPES[e.dtype].itemsize) for shard in shards
-    ]
+    by_name = {entry.name: entry for entry in entries}
+    itemsize = {entry.name: SAFETENSORS_DTYPES[entry.dtype].itemsize for entry in entries}
+    shards = safetensors_io.plan_shards({entry.name: entry.nbytes for entry in entries}, max_shard_bytes)
+    return [[by_name[name] for name in safetensors_io.aligned_order(shard, itemsize)] for shard in shards]
 
 
 class SafetensorsWriter:
@@ -365,56 +362,34 @@ class SafetensorsWriter:
     The file is created on the first write (or on close, for a shard of empty tensors)."""
 
     def __init__(self, path: Path, entries: Sequence[TensorEntry]) -> None:
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for entry in entries:
-            header[entry.name] = {
-                "dtype": entry.dtype,
-                "shape": list(entry.shape),
-                "data_offsets": [offset, offset + entry.nbytes],
-            }
-            offset += entry.nbytes
-        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        encoded += b" " * (-len(encoded) % 8)
+        self._header = safetensors_io.header_bytes({e.name: (e.dtype, e.shape, e.nbytes) for e in entries})
         self.path = path
-        self.expected_bytes = offset
+        self.expected_bytes = sum(entry.nbytes for entry in entries)
         self.written_bytes = 0
-        self._header = struct.pack("<Q", len(encoded)) + encoded
-        self._handle: BinaryIO | None = None
-        # The disk writes the shard while it is computed: the final fsync only finds the tail.
-        self._writeback = Writeback()
-        self._writeback_checked = 0
+        self._file: DirectFile | None = None
 
     @property
     def file_size(self) -> int:
         """Bytes of the finished file: header and tensors."""
         return len(self._header) + self.expected_bytes
 
-    def _open(self) -> BinaryIO:
-        if self._handle is None:
-            self._handle = open(self.path, "wb")
-            self._handle.write(self._header)
-        return self._handle
+    def _open(self) -> DirectFile:
+        if self._file is None:
+            # Past the page cache: the disk writes the shard while it is computed, and the
+            # final fsync finds nothing left (see DirectFile).
+            self._file = DirectFile(self.path, buffer_bytes=OUTPUT_BUFFER_BYTES, buffers=2)
+            self._file.write(self._header)
+        return self._file
 
     def write(self, data: memoryview) -> None:
-        handle = self._open()
-        handle.write(data)
+        self._open().write(data)
         self.written_bytes += data.nbytes
-        end = len(self._header) + self.written_bytes
-        if end - self._writeback_checked >= self._writeback.window:
-            handle.flush()  # the disk can only take what the OS has
-            self._writeback.wrote(handle.fileno(), end)
-            self._writeback_checked = end
 
     def abort(self) -> None:
         """Close without the completeness check (the folder is being thrown away). Never
-        raises: closing flushes the buffer, which fails again on a full disk, and that second
-        error must not replace the one being handled."""
-        if self._handle is not None:
-            try:
-                self._handle.close()
-            except OSError:
-                pass
+        raises: the error being handled must not be replaced by one from the clean-up."""
+        if self._file is not None:
+            self._file.abort()
 
     def close(self) -> None:
         self._open().close()
@@ -734,8 +709,7 @@ def average_checkpoints(
     shard_names = [SHARD_NAME.format(index=i + 1, total=len(plan)) for i in range(len(plan))]
     weight_map = {e.name: name for name, shard in zip(shard_names, plan) for e in shard}
     total_size = sum(e.nbytes for e in checkpoints[0].tensors.values())
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    index_text = json.dumps(index, indent=2) + "\n"
+    index_text = safetensors_io.index_text(weight_map, total_size)
     shard_sizes = [SafetensorsWriter(Path(name), shard).file_size for name, shard in zip(shard_names, plan)]
     file_sizes = shard_sizes + [len(index_text.encode("utf-8"))] + non_weight_file_sizes(checkpoints[inherit_from])
     if problem := free_space_problem(output, file_sizes):
@@ -833,4 +807,6 @@ def _average_from_args(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bunny.cli import exit_now
+
+    exit_now(main())  # torch's teardown at exit would cost seconds of CPU

@@ -78,3 +78,19 @@ def run_model_command(
 
     hf_logging.disable_progress_bar()
     return run_cli(prog, lambda: body(args), debug=args.debug)
+
+
+def exit_now(code: int) -> None:
+    """End a command's process without the interpreter's teardown (``python -m`` entry points
+    whose work is done: files closed and fsynced). Unloading torch and transformers module by
+    module at exit costs seconds of CPU (2.6 s measured after a merge on 2 cores) and
+    releases nothing the OS would not. Output streams and logging are flushed first."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more to say
+            pass
+    os._exit(code)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import os
 import json
 import re
 import shutil
@@ -29,7 +30,7 @@ from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 
 import bunny  # noqa: F401  (Auto-class registration)
 from bunny.constants import IMAGE_TOKEN_INDEX
-from bunny.fsutil import format_bytes
+from bunny.fsutil import DirectFile, format_bytes
 from bunny.merge import MergeError, main, merge_lora
 from bunny.model.builder import build_bunny_model
 from bunny.train.saving import save_lora
@@ -304,11 +305,11 @@ def test_a_crash_while_writing_leaves_nothing_that_looks_finished(frozen_run, ti
 
     written = []
 
-    def write_then_crash(path, specs, tensor_of):
+    def write_then_crash(path, specs, tensor_of, **options):
         if written:
             raise OSError("disk full")
         written.append(path)
-        real_write(path, specs, tensor_of)
+        real_write(path, specs, tensor_of, **options)
 
     real_write = shards.write_safetensors
     monkeypatch.setattr(shards, "write_safetensors", write_then_crash)
@@ -477,6 +478,21 @@ def test_nan_or_inf_in_an_input_is_refused_by_name(frozen_run, tiny_assets, tmp_
     with pytest.raises(MergeError, match=f"--model-base {base} holds NaN or inf values in model.norm.weight"):
         merge_lora(frozen_run.folder, base, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # Finite inputs whose cast to the output dtype overflows: a run's tensor (screened when
+    # loaded, so screened again only when its values change) and a base tensor.
+    state = torch.load(frozen_run.folder / NON_LORA, weights_only=True)
+    state[PROJECTOR_KEY] = state[PROJECTOR_KEY].clone()
+    state[PROJECTOR_KEY][0, 0] = 1e6  # beyond float16's 65504
+    torch.save(state, folder / NON_LORA)
+    shutil.copy(frozen_run.folder / "adapter_model.safetensors", folder / "adapter_model.safetensors")
+    projector = PROJECTOR_KEY.removeprefix("base_model.model.")
+    with pytest.raises(MergeError, match=f"merging {projector} gives values beyond torch.float16's range"):
+        merge_lora(folder, tiny_assets.llm, tmp_path / "out", dtype="float16")
+    weights["model.norm.weight"][0] = 1e6
+    save_file(weights, base / "model.safetensors")
+    with pytest.raises(MergeError, match="merging model.norm.weight gives values beyond torch.float16's range"):
+        merge_lora(frozen_run.folder, base, tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists()
 
 
 def test_free_space_is_checked_before_loading_and_counts_everything_written(frozen_run, tiny_assets, tmp_path, monkeypatch):
@@ -500,34 +516,74 @@ def test_free_space_is_checked_before_loading_and_counts_everything_written(froz
     assert loads == [] and not (tmp_path / "small").exists()
 
 
+@pytest.mark.parametrize("refuse_direct", [False, True], ids=["O_DIRECT", "file system without it"])
+def test_direct_file_writes_exactly_the_bytes_given(tmp_path, monkeypatch, refuse_direct):
+    """Pieces of every size, across buffer boundaries, a tail that is not a whole block:
+    the file holds the bytes given, no padding. A file system that refuses O_DIRECT writes
+    (EINVAL) gets the same bytes through the page cache."""
+    if refuse_direct:
+        real_pwrite = os.pwrite
+
+        def no_direct(fd, data, offset):
+            if DirectFile.direct_flag(fd):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", no_direct)
+    data = torch.randint(0, 256, (3 * 8192 + 4321,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    output = DirectFile(tmp_path / "out.bin", buffer_bytes=8192, buffers=2)
+    pieces = [0, 1, 4095, 4096, 8191, 8192, 10_000]
+    start = 0
+    while start < data.numel():
+        size = pieces[start % len(pieces)] or 1
+        output.write(data[start:start + size].numpy())
+        start += size
+    output.close()
+    assert (tmp_path / "out.bin").read_bytes() == data.numpy().tobytes()
+    assert output.size == data.numel() and output.direct is not refuse_direct
+
+
+def test_direct_file_raises_the_disk_s_first_error(tmp_path, monkeypatch):
+    _fill_the_disk_after(monkeypatch, room=8192)
+    output = DirectFile(tmp_path / "out.bin", buffer_bytes=8192, buffers=2)
+    with pytest.raises(OSError, match=r"\(write\)"):
+        for _ in range(8):  # the writer thread fails on the second buffer; a later write or close says so
+            output.write(bytes(8192))
+        output.close()
+    output.abort()  # never raises
+
+
 def test_sizes_read_in_human_units():
     assert [format_bytes(n) for n in (0, 812, 18_600, 512_000_000, 7_642_000_000, 150_300_000_000)] == [
         "0 B", "812 B", "18.6 KB", "512.0 MB", "7.64 GB", "150.30 GB"]
 
 
-class _FullDisk:
-    """A file whose writes fail once ``room`` bytes are written, and whose close, flushing
-    what it buffered, fails too: the error a full disk gives twice."""
+def _fill_the_disk_after(monkeypatch, room: int) -> None:
+    """Writes (``os.pwrite``: the shards' ``DirectFile``) fail once ``room`` bytes are written,
+    and closing a file written to fails too: the error a full disk gives twice."""
+    real_pwrite, real_close, written_to = os.pwrite, os.close, set()
 
-    def __init__(self, path, room: int):
-        self._handle, self._room = open(path, "wb"), room
-
-    def write(self, data) -> int:
+    def pwrite(fd, data, offset):
+        nonlocal room
+        written_to.add(fd)
         size = memoryview(data).nbytes
-        if size > self._room:
+        if size > room:
             raise OSError(errno.ENOSPC, "No space left on device (write)")
-        self._room -= size
-        return self._handle.write(data)
+        room -= size
+        return real_pwrite(fd, data, offset)
 
-    def close(self) -> None:
-        self._handle.close()
-        raise OSError(errno.ENOSPC, "No space left on device (close)")
+    def close(fd):
+        real_close(fd)
+        if fd in written_to:  # its number may be reused once closed
+            written_to.discard(fd)
+            raise OSError(errno.ENOSPC, "No space left on device (close)")
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "close", close)
 
 
 def test_a_full_disk_mid_write_is_one_clear_error(frozen_run, tiny_assets, tmp_path, monkeypatch):
-    import bunny.merge.shards as shards
-
-    monkeypatch.setattr(shards, "open", lambda path, mode: _FullDisk(path, room=50_000), raising=False)
+    _fill_the_disk_after(monkeypatch, room=50_000)
     out = tmp_path / "merged"
     with pytest.raises(MergeError, match=rf"disk full while writing --save-model-path {out}: it needs .* KB \(weights") as caught:
         merge_lora(frozen_run.folder, tiny_assets.llm, out)

@@ -1,7 +1,6 @@
-"""``python -m bunny.merge``."""
+"""``python -m bunny.merge``: exits without the interpreter's teardown (``exit_now``)."""
 
-import sys
-
+from bunny.cli import exit_now
 from bunny.merge.cli import main
 
-sys.exit(main())
+exit_now(main())

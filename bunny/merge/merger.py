@@ -44,6 +44,7 @@ from bunny.merge.stream import has_safetensors, plan_merge, tensor_source
 from bunny.model.compat import save_config
 
 logger = logging.getLogger("bunny.merge")
+MAX_WORKERS = 8  # threads computing merged tensors side by side
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,10 @@ def merge_lora(
     if reason is None:
         logger.info("merging %s into %s (%s), tensor by tensor", run.folder, model_base, out_dtype)
         tensor_of, close_inputs = tensor_source(plan)
-        write_weights = lambda folder: write_sharded_lazily(specs, tensor_of, folder, max_shard_bytes)  # noqa: E731
+        # One tensor per core at a time instead of one op over all cores; each worker holds a
+        # tensor, so at most MAX_WORKERS + 1 (a few largest tensors) are in memory at once.
+        workers = min(torch.get_num_threads(), MAX_WORKERS)
+        write_weights = lambda folder: write_sharded_lazily(specs, tensor_of, folder, max_shard_bytes, workers)  # noqa: E731
     else:
         logger.info("merging through PEFT (%s): loading %s (%s) with the tower from %s",
                     reason, model_base, out_dtype, tower_path or run.non_lora_file)

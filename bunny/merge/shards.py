@@ -13,17 +13,17 @@ at most ``max_shard_bytes`` (a larger tensor gets a shard of its own) and
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import struct
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from bunny import safetensors_io
 from bunny.average import INDEX_NAME, SAFETENSORS_DTYPES, SHARD_NAME
+from bunny.fsutil import DirectFile
 
 DTYPE_NAMES: dict[torch.dtype, str] = {info.torch_dtype: name for name, info in SAFETENSORS_DTYPES.items()}
 TensorSpec = tuple[torch.dtype, tuple[int, ...]]  # dtype and shape: all a header needs
@@ -49,94 +49,87 @@ def untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def plan_shards(specs: dict[str, TensorSpec], max_shard_bytes: int) -> list[list[str]]:
     """Names, in order, grouped into shards of at most ``max_shard_bytes``."""
-    shards: list[list[str]] = []
-    size = 0
-    for name, spec in specs.items():
-        nbytes = _spec_nbytes(spec)
-        if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
+    return safetensors_io.plan_shards({name: _spec_nbytes(spec) for name, spec in specs.items()}, max_shard_bytes)
 
 
 def safetensors_header(tensors: dict[str, TensorSpec]) -> tuple[bytes, list[str]]:
     """The header of a safetensors file holding tensors of these dtypes and shapes, and the
     order their data follows in: wider dtypes first, so every tensor stays aligned."""
-    order = sorted(tensors, key=lambda name: -tensors[name][0].itemsize)
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in order:
-        dtype, shape = tensors[name]
+    for name, (dtype, _) in tensors.items():
         if dtype not in DTYPE_NAMES:
             raise ValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
-        end = offset + math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
-        offset = end
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)
-    return struct.pack("<Q", len(encoded)) + encoded, order
+    order = safetensors_io.aligned_order(list(tensors), {name: dtype.itemsize for name, (dtype, _) in tensors.items()})
+    layout = {name: (DTYPE_NAMES[tensors[name][0]], tensors[name][1], _spec_nbytes(tensors[name])) for name in order}
+    return safetensors_io.header_bytes(layout), order
 
 
-def write_safetensors(path: Path, specs: dict[str, TensorSpec], tensor_of: Callable[[str], torch.Tensor]) -> None:
+def write_safetensors(
+    path: Path, specs: dict[str, TensorSpec], tensor_of: Callable[[str], torch.Tensor], workers: int = 1
+) -> None:
     """One safetensors file: the header from ``specs``, then each tensor, asked of
-    ``tensor_of`` only when its turn comes, written as is and dropped. The next tensor is
-    computed (in a second thread: torch and file writes release the GIL) while one is being
-    written, so at most two are held.
+    ``tensor_of`` only when its turn comes, written as is and dropped.
 
-    On a failed write (a full disk) the file is closed with its own errors suppressed, so
-    the caller sees the write's error, not one raised while flushing during clean-up."""
+    ``workers`` threads compute the next tensors while one is being written (torch and file
+    writes release the GIL), each with torch's intra-op parallelism off: side by side, their
+    ops never wait at a barrier for a core that another process holds, as one op's threads
+    do. At most ``workers + 1`` tensors are held. The file bypasses the page cache
+    (``DirectFile``): the disk writes it while the next tensors are computed, and the final
+    fsync finds nothing left to do.
+
+    On a failed write (a full disk) the file is abandoned without a second error, so the
+    caller sees the write's error, not one raised during clean-up."""
     header, order = safetensors_header(specs)
-    handle = open(path, "wb")
+    threads = torch.get_num_threads()  # restored at the end: the workers' initializer sets the global count
+    output = DirectFile(path)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge-tensor",
+                              initializer=torch.set_num_threads, initargs=(1,))
     try:
-        handle.write(header)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-tensor") as ahead:
-            upcoming = ahead.submit(tensor_of, order[0]) if order else None
-            for position, name in enumerate(order):
-                tensor = upcoming.result().detach()
-                following = order[position + 1] if position + 1 < len(order) else None
-                upcoming = ahead.submit(tensor_of, following) if following is not None else None
-                if (tensor.dtype, tuple(tensor.shape)) != specs[name]:
-                    raise RuntimeError(f"{name}: {tensor.dtype} {tuple(tensor.shape)}, the header says {specs[name]}")
-                if tensor.device.type != "cpu":
-                    tensor = tensor.cpu()
-                raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy when contiguous
-                handle.write(raw.data)
-                del tensor, raw
+        output.write(header)
+        pending = deque(pool.submit(tensor_of, name) for name in order[:workers + 1])
+        for position, name in enumerate(order):
+            tensor = pending.popleft().result().detach()
+            if position + len(pending) + 1 < len(order):
+                pending.append(pool.submit(tensor_of, order[position + len(pending) + 1]))
+            if (tensor.dtype, tuple(tensor.shape)) != specs[name]:
+                raise RuntimeError(f"{name}: {tensor.dtype} {tuple(tensor.shape)}, the header says {specs[name]}")
+            if tensor.device.type != "cpu":
+                tensor = tensor.cpu()
+            output.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy when contiguous
+            del tensor
+        output.close()
     except BaseException:
-        with contextlib.suppress(OSError):
-            handle.close()
+        pool.shutdown(cancel_futures=True)
+        output.abort()
         raise
-    handle.close()
+    finally:
+        pool.shutdown()
+        torch.set_num_threads(threads)
 
 
 def sharded_size(specs: dict[str, TensorSpec], max_shard_bytes: int) -> int:
     """Bytes ``write_sharded`` writes for tensors of these dtypes and shapes: data, every
     shard's header and the index."""
     plan = plan_shards(specs, max_shard_bytes)
-    total = sum(_spec_nbytes(spec) for spec in specs.values())
-    for names in plan:
-        total += len(safetensors_header({name: specs[name] for name in names})[0])
-    shard_name_length = len(SHARD_NAME.format(index=1, total=len(plan)))
-    total += sum(len(name) + shard_name_length + 12 for name in specs) + 128  # index.json
-    return total
+    data = sum(_spec_nbytes(spec) for spec in specs.values())
+    headers = sum(len(safetensors_header({name: specs[name] for name in names})[0]) for names in plan)
+    weight_map = {name: SHARD_NAME.format(index=i + 1, total=len(plan)) for i, names in enumerate(plan) for name in names}
+    return data + headers + len(safetensors_io.index_text(weight_map, data).encode("utf-8"))
 
 
 def write_sharded_lazily(
-    specs: dict[str, TensorSpec], tensor_of: Callable[[str], torch.Tensor], folder: Path, max_shard_bytes: int
+    specs: dict[str, TensorSpec], tensor_of: Callable[[str], torch.Tensor], folder: Path, max_shard_bytes: int,
+    workers: int = 1,
 ) -> tuple[list[str], int, int]:
-    """Write the tensors ``specs`` describes (in that order, computed one at a time by
-    ``tensor_of``) as shards plus index into ``folder``; returns (shard names, tensors, bytes)."""
+    """Write the tensors ``specs`` describes (in that order, computed by ``tensor_of`` in
+    ``workers`` threads) as shards plus index into ``folder``; returns (shard names, tensors, bytes)."""
     plan = plan_shards(specs, max_shard_bytes)
     names = [SHARD_NAME.format(index=i + 1, total=len(plan)) for i in range(len(plan))]
     weight_map = {}
     for shard_name, tensor_names in zip(names, plan):
-        write_safetensors(folder / shard_name, {name: specs[name] for name in tensor_names}, tensor_of)
+        write_safetensors(folder / shard_name, {name: specs[name] for name in tensor_names}, tensor_of, workers=workers)
         weight_map.update(dict.fromkeys(tensor_names, shard_name))
     total_size = sum(_spec_nbytes(spec) for spec in specs.values())
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    (folder / INDEX_NAME).write_text(safetensors_io.index_text(weight_map, total_size), encoding="utf-8")
     return names, len(specs), total_size
 
 

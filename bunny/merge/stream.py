@@ -15,10 +15,11 @@ tensor, whatever the size of the model.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -30,7 +31,7 @@ logger = logging.getLogger("bunny.merge")
 
 TOWER_PREFIX = "model.vision_tower."
 TOWER_MODEL_PREFIX = "model.vision_tower.vision_tower.vision_model."
-BLOCK_ELEMENTS = 2**22  # elements per block of the LoRA update: 16 MB of float32
+BLOCK_ELEMENTS = 2**20  # elements per block of the LoRA update: 4 MB of float32, cache-sized
 
 
 def has_safetensors(folder: Path) -> bool:
@@ -110,55 +111,83 @@ def _torch_dtype(source: TensorEntry | torch.Tensor) -> torch.dtype:
 
 
 class TensorReader:
-    """Reads planned tensors one at a time, keeping each input file open once."""
+    """Reads planned tensors, keeping each input file open once. Reads are positional
+    (``preadv``, no shared file offset), so several threads may read at the same time."""
 
     def __init__(self) -> None:
-        self._files: dict[Path, BinaryIO] = {}
+        self._files: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def read(self, entry: TensorEntry) -> torch.Tensor:
         tensor = torch.empty(entry.shape, dtype=_torch_dtype(entry))
         if entry.nbytes:
-            handle = self._files.get(entry.file)
-            if handle is None:
-                handle = self._files[entry.file] = open(entry.file, "rb", buffering=0)
-            handle.seek(entry.start)
             view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            if handle.readinto(view) != entry.nbytes:
-                raise MergeError(f"{entry.file}: cut short while reading {entry.name}")
+            fd, done = self._fd(entry.file), 0
+            while done < entry.nbytes:
+                got = os.preadv(fd, [view[done:]], entry.start + done)
+                if got == 0:
+                    raise MergeError(f"{entry.file}: cut short while reading {entry.name}")
+                done += got
         return tensor
 
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._files:
+                self._files[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            return self._files[path]
+
     def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
+        with self._lock:
+            for fd in self._files.values():
+                os.close(fd)
+            self._files.clear()
 
 
 def merged_tensor(item: PlannedTensor, reader: TensorReader, name: str) -> torch.Tensor:
     """One output tensor: the source in the output dtype (as a model loaded in that dtype
     holds it), plus its LoRA update; refused when not finite (a NaN or inf input, or an
-    overflow in the cast)."""
+    overflow in the cast). A tensor of ``non_lora_trainables.bin`` was screened when loaded:
+    it is screened again only when its values change (a LoRA update, a narrowing cast)."""
     source = item.source if isinstance(item.source, torch.Tensor) else reader.read(item.source)
     merged = source.to(item.dtype)
     if item.lora is not None:
         if merged is item.source:  # a tensor of non_lora_trainables.bin: not ours to change
             merged = merged.clone()
         add_lora_(merged, item.lora)
-    if merged.is_floating_point() and not all_finite(merged):
+    screened = merged is item.source or (
+        source is item.source and item.lora is None and _widens(source.dtype, merged.dtype))
+    if merged.is_floating_point() and not screened and not all_finite(merged):
         if source.is_floating_point() and not all_finite(source):
             raise MergeError(f"{item.owner} holds NaN or inf values in {name}: refusing to merge them")
         raise MergeError(f"merging {name} gives values beyond {item.dtype}'s range: merge in a wider --dtype")
     return merged
 
 
+def _widens(source: torch.dtype, target: torch.dtype) -> bool:
+    """A cast that keeps every finite value finite (bf16/fp16 -> float32, fp16 -> bf16 too)."""
+    return source == target or target == torch.float64 or (
+        target == torch.float32 and source in (torch.float16, torch.bfloat16)) or (
+        target == torch.bfloat16 and source == torch.float16)
+
+
 def add_lora_(weight: torch.Tensor, layer: LoraLayer) -> None:
     """``weight += scale * up @ down``, in place, a block of rows at a time: each block is
-    widened to float32, updated by one ``addmm`` and rounded back once. The float32 copy is
-    a block (``BLOCK_ELEMENTS``), never the whole weight."""
+    widened into one float32 buffer, updated there by ``addmm_`` (the GEMM accumulates into
+    it: no temporary of the update) and rounded back once. The buffer is a block
+    (``BLOCK_ELEMENTS``, sized to stay in cache), reused from block to block."""
     down, up = layer.down.to(torch.float32), layer.up.to(torch.float32)
     rows = max(1, BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    buffer = torch.empty((min(rows, weight.shape[0]), weight.shape[1]), dtype=torch.float32)
     for start in range(0, weight.shape[0], rows):
         block = weight[start:start + rows]
-        block.copy_(torch.addmm(block.to(torch.float32), up[start:start + rows], down, alpha=layer.scale))
+        wide = buffer[:block.shape[0]]
+        if block.dtype == torch.float32:
+            wide = block  # updated in place: the same arithmetic, no copy
+        else:
+            wide.copy_(block)
+        wide.addmm_(up[start:start + rows], down, alpha=layer.scale)
+        if wide is not block:
+            block.copy_(wide)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
