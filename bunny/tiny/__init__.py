@@ -22,7 +22,7 @@ from bunny.fsutil import atomic_output_dir
 from bunny.tiny.data import TinyDataPaths, check_sizes, write_tiny_datasets
 
 MARKER = "tiny_assets.json"
-FORMAT_VERSION = 4  # bump when the models or data change: older assets are rebuilt
+FORMAT_VERSION = 5  # bump when the models or data change: older assets are rebuilt
 LLM_DIR = "llm"
 VISION_TOWER_DIR = "vision_tower"
 DEFAULT_N_PRETRAIN = 128
@@ -97,7 +97,7 @@ def _build(root: Path, spec: dict[str, Any]) -> None:
 
     pretrained = bool(spec["pretrained"])
     save_tiny_llm(root / LLM_DIR, spec["seed"], pretrain_steps=LLM_PRETRAIN_STEPS if pretrained else 0)
-    save_tiny_vision_tower(root / VISION_TOWER_DIR, spec["seed"], patch_features=pretrained)
+    save_tiny_vision_tower(root / VISION_TOWER_DIR, spec["seed"], patch_features=True)
     write_tiny_datasets(root, spec["seed"], spec["n_pretrain"], spec["n_finetune"], spec["n_heldout"])
     marker: dict[str, Any] = {"spec": spec, "files": _file_sizes(root)}
     (root / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")

@@ -22,7 +22,15 @@ UNK, BOS, LLAMA_EOS = "<unk>", "<s>", "</s>"
 EOS = "<|endoftext|>"  # Phi-3's eos and pad
 CHAT_TOKENS = ("<|assistant|>", "<|system|>", "<|end|>", "<|user|>")
 BYTE_TOKENS = tuple(f"<0x{byte:02X}>" for byte in range(256))
-LEARNED_VOCAB_SIZE = 320  # characters + merges; about 580 ids in all with bytes and specials
+LEARNED_VOCAB_SIZE = 290  # characters + merges; about 590 ids in all with bytes, specials and WHOLE_WORDS
+# The tiny data's short answers ("Red.", "Large.", "A circle."), one piece per word as in a real
+# LLM's vocabulary: learned from the corpus alone, "Red" came out as "▁ R ed" and "Blue" /
+# "Black" shared two pieces, so every colour answer began with the same "▁" and greedy
+# decoding had to get three tokens right to name a colour.
+WHOLE_WORDS = (
+    "Red", "Green", "Blue", "Yellow", "Purple", "Orange", "White", "Black", "Grey", "Small", "Large",
+    "red", "green", "blue", "yellow", "orange", "grey", "large",
+)
 MODEL_MAX_LENGTH = 2048
 
 PHI3_SYSTEM_PROMPT = (
@@ -82,7 +90,23 @@ def _train_pieces(corpus: Iterable[str]) -> tuple[list[str], list[tuple[str, str
     model = json.loads(scratch.to_str())["model"]
     pieces = [piece for piece, _ in sorted(model["vocab"].items(), key=lambda item: item[1])]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    _add_whole_words(scratch, pieces, merges)
     return pieces, merges  # type: ignore[return-value]
+
+
+def _add_whole_words(scratch: Tokenizer, pieces: list[str], merges: list[tuple[str, str]]) -> None:
+    """Append the merges that make each of `WHOLE_WORDS` (after a space) one piece: the word's
+    pieces under the learned merges, joined left to right. Appended last, they apply only
+    after every learned merge, so other words encode as before or with fewer pieces."""
+    for word in WHOLE_WORDS:
+        parts = scratch.encode(word).tokens  # "▁" + word: the Metaspace prefix of a first word
+        joined = parts[0]
+        for part in parts[1:]:
+            if (joined, part) not in merges:
+                merges.append((joined, part))
+            joined += part
+            if joined not in pieces:
+                pieces.append(joined)
 
 
 def build_tiny_tokenizer(
