@@ -97,7 +97,7 @@ def _build(root: Path, spec: dict[str, Any]) -> None:
 
     pretrained = bool(spec["pretrained"])
     save_tiny_llm(root / LLM_DIR, spec["seed"], pretrain_steps=LLM_PRETRAIN_STEPS if pretrained else 0)
-    save_tiny_vision_tower(root / VISION_TOWER_DIR, spec["seed"], patch_features=True)
+    save_tiny_vision_tower(root / VISION_TOWER_DIR, spec["seed"], patch_features=pretrained)
     write_tiny_datasets(root, spec["seed"], spec["n_pretrain"], spec["n_finetune"], spec["n_heldout"])
     marker: dict[str, Any] = {"spec": spec, "files": _file_sizes(root)}
     (root / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
