@@ -6,9 +6,11 @@ them. Random tiny stand-ins know nothing, so in a CPU demo's few dozen steps the
 a constant answer. Here, once per asset build and seeded:
 
 * the tower's patch embedding is set by hand to carry each patch's mean colour and its four
-  quadrants' mean colours, and its (one running) encoder layer starts as the identity: the
-  features say what colour is where, as a pretrained tower's would;
-* the LLM is pre-trained for a few seconds on text only (``pretrain_tiny_llm``): a scene
+  quadrants' mean colours, its position embedding a one-hot of the patch, and its (one
+  running) encoder layer starts as the identity: the features say what colour is where, as a
+  pretrained tower's would;
+* the LLM is pre-trained for about a minute on text only (``pretrain_tiny_llm``, a fresh batch
+  of random scenes every step): a scene
   written as a 4x4 grid of "patch codes" (one token per patch, as the tower gives one feature
   per patch: the patch's colour, and whether the shape fills it or only part of it), then a
   caption or a question and answer about it in a plain ``Q: ... A: ...`` form. The LLM thus
