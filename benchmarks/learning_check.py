@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from bunny.tiny import make_tiny_assets  # noqa: E402
 from bunny.tiny.scoring import POOLED, accuracy_by_kind, chance_by_kind, kind_table  # noqa: E402
-from flows.config import DEMO_PRETRAIN_STEPS, DEMO_RECIPE_STEPS  # noqa: E402
+from flows.config import DEMO_PRETRAIN_STEPS, DEMO_PRETRAINED_ASSETS, DEMO_RECIPE_STEPS  # noqa: E402
 
 VALIDATION_SHARE = 1 / 3
 
@@ -75,7 +75,7 @@ def main() -> int:
     from bunny.evaluate.search import answer_loss_scorer, search_average_weights
     from bunny.generate.loading import load_model
 
-    assets = make_tiny_assets(workdir / "assets")
+    assets = make_tiny_assets(workdir / "assets", pretrained=DEMO_PRETRAINED_ASSETS)  # the demo's assets
     if not args.skip_pipeline:
         seconds = run_pipeline(workdir, args.steps)
         print(f"pipeline ({args.steps} steps per training stage, {os.cpu_count()} cores): {seconds:.0f} s")

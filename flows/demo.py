@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per training stage (default: the demo config's, which learn)")
     parser.add_argument("--fresh", action="store_true", help="delete earlier demo outputs first")
+    parser.add_argument("--random-assets", action="store_true",
+                        help="untrained tiny LLM (builds in a second instead of about a minute; it learns "
+                             "nothing visible): for checks of the machinery, with --steps")
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -230,7 +233,7 @@ def _run(args: argparse.Namespace, workdir: Path, output_root: Path, started: fl
     from flows.pipeline import bunny_pipeline
 
     print(f"Building tiny assets in {workdir / 'assets'} ...", flush=True)
-    assets = make_tiny_assets(workdir / "assets", pretrained=DEMO_PRETRAINED_ASSETS)
+    assets = make_tiny_assets(workdir / "assets", pretrained=DEMO_PRETRAINED_ASSETS and not args.random_assets)
     config = PipelineConfig.demo(assets, output_root, steps=args.steps)
     if not config.eval_sets:  # judge every model on the tiny held-out questions (one- or two-word answers)
         heldout = EvalSet(name="heldout", data_path=assets.heldout_data, image_folder=assets.finetune_images)

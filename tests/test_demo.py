@@ -118,7 +118,7 @@ def test_demo_runs_every_stage_then_skips_them_all_quietly(tmp_path):
     op_was_built = shm_op_built(environment_extensions_dir())
 
     def demo() -> str:
-        result = subprocess.run([sys.executable, "-m", "flows.demo", "--workdir", str(tmp_path / "w"), "--steps", "2"],
+        result = subprocess.run([sys.executable, "-m", "flows.demo", "--workdir", str(tmp_path / "w"), "--steps", "2", "--random-assets"],
                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
         output = result.stdout + result.stderr
         assert result.returncode == 0, output

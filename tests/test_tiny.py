@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from bunny.tiny import FORMAT_VERSION, MARKER, TinyAssets, main, make_tiny_assets
-from bunny.tiny.data import COLORS, SHAPES, SHORT_ANSWER_PROMPT
+from bunny.tiny.data import BACKGROUND_COLORS, COLORS, SHAPE_COLORS, SHAPES, SHORT_ANSWER_PROMPT
 
 SMALL = {"n_pretrain": 12, "n_finetune": 16, "n_heldout": 8}
 CAPTION = re.compile(r"^a (small|large) (\w+) (circle|square|triangle) on a (\w+) background\.$")
@@ -262,7 +262,7 @@ def test_captions_describe_the_pixels(assets: TinyAssets) -> None:
         size, color, shape, background = CAPTION.match(row["conversations"][1]["value"]).groups()
         true_shape, true_color, true_background, extent = pixel_truth(assets.pretrain_images / row["image"])
         assert (shape, color, background) == (true_shape, true_color, true_background), row["id"]
-        assert (extent >= 0.6) if size == "large" else (extent <= 0.5), row["id"]
+        assert (extent >= 0.7) if size == "large" else (extent <= 0.6), row["id"]
 
 
 def bare_question(text: str) -> str:
@@ -318,6 +318,50 @@ def test_the_question_says_which_answer_style_it_wants(assets: TinyAssets) -> No
     assert 0.3 < sum(recipe2) / len(recipe2) < 0.7
 
 
+def test_shapes_are_centred_saturated_on_neutral_backgrounds(assets: TinyAssets) -> None:
+    """The layout the demo's learning relies on: a saturated shape over the image's centre on a
+    neutral background, so the central patches show the shape and no answer to "what colour
+    is the shape" can also be the background's colour."""
+    from bunny.tiny.data import Scene
+    from bunny.tiny.pretraining import patch_codes
+
+    assert SHAPE_COLORS.keys().isdisjoint(BACKGROUND_COLORS)
+    rows = [row for path in (assets.recipe1_data, assets.heldout_data) for row in records(path) if "image" in row]
+    for row in rows:
+        path = assets.finetune_images / row["image"]
+        shape, color, background, _ = pixel_truth(path)
+        assert color in SHAPE_COLORS and background in BACKGROUND_COLORS, row["id"]
+        image = Image.open(path).convert("RGB")
+        mask = (torch.tensor(np.asarray(image)) != torch.tensor(COLORS[background])).any(dim=-1)
+        rows_, columns = mask.nonzero().unbind(1)
+        centre_x, centre_y = (columns.min() + columns.max()) / 2, (rows_.min() + rows_.max()) / 2
+        assert abs(centre_x - (image.width - 1) / 2) <= 2.5 and abs(centre_y - (image.height - 1) / 2) <= 2.5, row["id"]
+        assert mask[image.height // 2, image.width // 2], row["id"]  # the centre pixel is the shape's
+        left, top = int(columns.min()), int(rows_.min())
+        extent = int(columns.max()) - left + 1
+        scene = Scene(shape, color, background, "large", image.width, image.height,
+                      (left, top, left + extent, top + extent), (0, 0, 0))
+        for pad in (False, True):  # as the tower sees it: at least half of the 2x2 central patches show the shape
+            centre = [patch_codes(scene, pad=pad, size=32)[i] for i in (5, 6, 9, 10)]
+            assert sum(code.startswith(color) for code in centre) >= 2, (row["id"], pad, centre)
+
+
+def test_colour_and_shape_questions_dominate_and_answers_are_one_token(assets: TinyAssets) -> None:
+    """Most image questions ask for the shape or its colour, and every short answer word is one
+    token, so a greedy answer names a colour with its first token."""
+    from bunny.tiny.data import question_kind
+
+    kinds = [question_kind(row["conversations"][0]["value"]) for path in (assets.recipe1_data, assets.heldout_data)
+             for row in records(path) if "image" in row]
+    asked = [kind for kind, _ in filter(None, kinds)]
+    assert sum(kind in ("colour", "shape") for kind in asked) / len(asked) >= 0.5
+    tokenizer = AutoTokenizer.from_pretrained(assets.llm)
+    for word in [*SHAPE_COLORS, *BACKGROUND_COLORS, "small", "large"]:
+        assert len(tokenizer.tokenize(f"{word.capitalize()}.")) == 2, word  # "▁Red", "."
+        assert len(tokenizer(f"USER: Hi ASSISTANT: {word.capitalize()}.", add_special_tokens=False).input_ids) == \
+            len(tokenizer("USER: Hi ASSISTANT: A.", add_special_tokens=False).input_ids), word
+
+
 # --- pretrained assets (the demo's) and the accuracy-per-kind table ----------------------------
 
 def test_patch_codes_mark_where_the_shape_is() -> None:
@@ -328,10 +372,13 @@ def test_patch_codes_mark_where_the_shape_is() -> None:
     scene = Scene("square", "red", "white", "large", 64, 64, (32, 0, 64, 64), (0, 0, 0))
     codes = patch_codes(scene, pad=False, size=32)
     assert [codes[row * 4:(row + 1) * 4] for row in range(4)] == [["white", "white", "red", "red"]] * 4
-    # padded to a square (96x48 -> 96x96): the top and bottom rows are the pad colour
+    # padded to a square (96x48 -> 96x96): the top and bottom rows are the pad canvas, which looks grey
     wide = Scene("square", "blue", "black", "large", 96, 48, (0, 0, 96, 48), (0, 0, 0))
     padded = patch_codes(wide, pad=True, size=32)
-    assert padded[:4] == ["pad"] * 4 and padded[-4:] == ["pad"] * 4 and set(padded[4:12]) == {"blue"}
+    assert padded[:4] == ["grey"] * 4 and padded[-4:] == ["grey"] * 4 and set(padded[4:12]) == {"blue"}
+    # a shape over half a patch: a partial code
+    half = Scene("square", "red", "white", "small", 64, 64, (0, 0, 8, 16), (0, 0, 0))
+    assert patch_codes(half, pad=False, size=32)[0] == "red-part"
 
 
 def test_tower_features_are_patch_colours() -> None:
@@ -339,7 +386,7 @@ def test_tower_features_are_patch_colours() -> None:
 
     from bunny.model.vision_tower import VisionTower
     from bunny.tiny.models import tiny_siglip_config
-    from bunny.tiny.pretraining import set_patch_features
+    from bunny.tiny.pretraining import POSITION_SCALE, set_patch_features
 
     tower = SiglipVisionModel(tiny_siglip_config())
     set_patch_features(tower)
@@ -350,7 +397,9 @@ def test_tower_features_are_patch_colours() -> None:
     top_left = patches[:, :, :, :4, :, :4].mean(dim=(3, 5)).flatten(2).transpose(1, 2)
     assert torch.allclose(features[..., 0:3], 2 * means, atol=1e-5)
     assert torch.allclose(features[..., 3:6], 2 * top_left, atol=1e-5)
-    assert features[..., 15:].abs().max() < 1e-6
+    positions = features[..., 15:31] / POSITION_SCALE  # [2, 16 patches, 16]: a one-hot of each patch's index
+    assert torch.allclose(positions, torch.eye(16).expand(2, 16, 16), atol=1e-5)
+    assert features[..., 31:].abs().max() < 1e-6
 
 
 def test_llm_pretraining_lowers_the_text_loss() -> None:
@@ -384,7 +433,8 @@ def test_kind_table_states_chance_and_scores_each_kind() -> None:
     assert accuracy_by_kind(records_) == {"colour": [True, False], "shape": [True], "background": [True],
                                           "colour+shape": [True, False, True]}
     odds = chance_by_kind(records_)
-    assert odds["colour"] == 1 / len(COLORS) and odds["shape"] == 1 / len(SHAPES)
-    assert odds["colour+shape"] == pytest.approx((2 / 8 + 2 / 3) / 4)
+    assert odds["colour"] == 1 / len(SHAPE_COLORS) and odds["shape"] == 1 / len(SHAPES)
+    assert odds["background"] == 1 / len(BACKGROUND_COLORS)
+    assert odds["colour+shape"] == pytest.approx((2 / 6 + 2 / 3) / 4)
     table = kind_table({"model-a": records_})
-    assert "| chance | 33.3% | 12.5% | 14.3% |" in table and "| model-a | 100.0% | 50.0% | 100.0% | 66.7% |" in table
+    assert "| chance | 33.3% | 16.7% | 33.3% |" in table and "| model-a | 100.0% | 50.0% | 100.0% | 66.7% |" in table

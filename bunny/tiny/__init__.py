@@ -22,7 +22,7 @@ from bunny.fsutil import atomic_output_dir
 from bunny.tiny.data import TinyDataPaths, check_sizes, write_tiny_datasets
 
 MARKER = "tiny_assets.json"
-FORMAT_VERSION = 4  # bump when the models or data change: older assets are rebuilt
+FORMAT_VERSION = 5  # bump when the models or data change: older assets are rebuilt
 LLM_DIR = "llm"
 VISION_TOWER_DIR = "vision_tower"
 DEFAULT_N_PRETRAIN = 128
@@ -115,9 +115,9 @@ def make_tiny_assets(
     """Build (or reuse) tiny assets in `folder`; the same seed gives the same bytes.
 
     `pretrained` gives the LLM and the vision tower what real checkpoints start from
-    (`bunny.tiny.pretraining`: some seconds of text pre-training, colour-carrying patch
-    features), so that the demo's short training learns visibly; without it both are random,
-    which is enough to exercise the code and builds in a second.
+    (`bunny.tiny.pretraining`: about a minute of text pre-training, colour- and
+    position-carrying patch features), so that the demo's short training learns visibly;
+    without it both are random, which is enough to exercise the code and builds in a second.
 
     Reuses `folder` when its marker records the same seed and sizes, and rebuilds it when
     the marker records an older format. Refuses a non-empty `folder` that holds anything

@@ -22,20 +22,31 @@ from PIL import Image, ImageDraw
 from bunny.constants import DEFAULT_IMAGE_TOKEN
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-COLORS: dict[str, tuple[int, int, int]] = {
+# Saturated shapes on neutral backgrounds: "the shape's colour" and "the background's" never
+# name the same colours, so a model can answer either from what the image holds without
+# first working out which of two colours is the shape's.
+SHAPE_COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
     "green": (40, 165, 60),
     "blue": (40, 80, 215),
     "yellow": (240, 210, 40),
     "purple": (135, 60, 185),
     "orange": (245, 140, 30),
+}
+BACKGROUND_COLORS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (20, 20, 20),
+    "grey": (128, 128, 128),
 }
+COLORS: dict[str, tuple[int, int, int]] = {**SHAPE_COLORS, **BACKGROUND_COLORS}
+# Moderate aspect ratios (up to 5:4), so that `--image_aspect_ratio pad` and `square` give
+# different pixels while the shape still fills much of the padded square.
 IMAGE_SIZES: tuple[tuple[int, int], ...] = (
-    (64, 64), (48, 48), (96, 48), (48, 96), (80, 60), (60, 80), (72, 40), (40, 72),
+    (64, 64), (48, 48), (80, 64), (64, 80), (60, 48), (48, 60), (72, 72), (56, 56),
 )
-SIZE_FRACTIONS: dict[str, tuple[float, float]] = {"small": (0.3, 0.45), "large": (0.65, 0.9)}
+# The shape is centred, its side this share of the image's short side: the central patches
+# show the shape's colour and the corner patches the background, whatever the size.
+SIZE_FRACTIONS: dict[str, tuple[float, float]] = {"small": (0.45, 0.55), "large": (0.75, 0.9)}
 TEXT_ONLY_FRACTION = 0.15
 MULTI_ROUND_FRACTION = 0.3
 IMAGE_AT_END_FRACTION = 0.2
@@ -72,16 +83,17 @@ class Scene:
 
 
 def sample_scene(rng: random.Random) -> Scene:
-    """Draw a random scene: a shape of one colour on a background of another."""
+    """Draw a random scene: a shape of a saturated colour, centred (within a pixel or two) on a
+    neutral background."""
     shape = rng.choice(SHAPES)
-    color = rng.choice(list(COLORS))
-    background = rng.choice([name for name in COLORS if name != color])
+    color = rng.choice(list(SHAPE_COLORS))
+    background = rng.choice(list(BACKGROUND_COLORS))
     size = rng.choice(list(SIZE_FRACTIONS))
     width, height = rng.choice(IMAGE_SIZES)
     low, high = SIZE_FRACTIONS[size]
     extent = max(6, round(min(width, height) * rng.uniform(low, high)))
-    left = rng.randint(0, width - extent)
-    top = rng.randint(0, height - extent)
+    left = (width - extent) // 2 + rng.randint(-2, 2)
+    top = (height - extent) // 2 + rng.randint(-2, 2)
     jitter = (rng.randint(-12, 12), rng.randint(-12, 12), rng.randint(-12, 12))
     return Scene(shape, color, background, size, width, height,
                  (left, top, left + extent, top + extent), jitter)
@@ -114,22 +126,22 @@ def caption(scene: Scene) -> str:
 # --- questions about an image: (question, short answer, long answer) ---------------------------
 
 def _ask_shape(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
-    question = rng.choice(["What shape is shown?", "What shape is in the picture?", "Name the shape in the image."])
+    question = rng.choice(["What shape is shown?", "Name the shape in the image."])
     return question, f"A {scene.shape}.", f"The image shows a {scene.shape}."
 
 
 def _ask_color(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
-    question = rng.choice(["What color is the shape?", f"What color is the {scene.shape}?"])
+    question = "What color is the shape?"
     return question, f"{scene.color.capitalize()}.", f"The {scene.shape} is {scene.color}."
 
 
 def _ask_background(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
-    question = rng.choice(["What color is the background?", "What is the background color?"])
+    question = "What color is the background?"
     return question, f"{scene.background.capitalize()}.", f"The background is {scene.background}."
 
 
 def _ask_size(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
-    question = rng.choice(["Is the shape small or large?", f"Is the {scene.shape} large or small?"])
+    question = "Is the shape small or large?"
     return question, f"{scene.size.capitalize()}.", f"The {scene.shape} is {scene.size}."
 
 
@@ -142,7 +154,7 @@ def _ask_presence(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
 
 
 def _ask_description(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
-    question = rng.choice(["Describe the image briefly.", "What is in this image?"])
+    question = "Describe the image briefly."
     text = f"{scene.size} {scene.color} {scene.shape} on a {scene.background} background."
     return question, f"A {text}", f"The image shows a {text}"
 
@@ -150,13 +162,17 @@ def _ask_description(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
 IMAGE_QUESTIONS: tuple[Callable[[Scene, random.Random], tuple[str, str, str]], ...] = (
     _ask_shape, _ask_color, _ask_background, _ask_size, _ask_presence, _ask_description,
 )
+# How often each of IMAGE_QUESTIONS is drawn: shape and colour, the questions only the shape
+# itself answers, make up 60% of the image questions, so that a few hundred training examples
+# hold enough of them.
+IMAGE_QUESTION_WEIGHTS: tuple[int, ...] = (3, 3, 1, 1, 1, 1)
 
 # What a uniform guess scores on each kind of image question: kind, how to recognise the
 # question (without the short-answer instruction), how many answers a guesser chooses from.
 QUESTION_KINDS: tuple[tuple[str, str, int], ...] = (
     ("shape", r"^(What shape|Name the shape)", len(SHAPES)),
-    ("colour", r"^What color is the (shape|circle|square|triangle)\?$", len(COLORS)),
-    ("background", r"background", len(COLORS) - 1),
+    ("colour", r"^What color is the (shape|circle|square|triangle)\?$", len(SHAPE_COLORS)),
+    ("background", r"background", len(BACKGROUND_COLORS)),
     ("size", r"small or large|large or small", len(SIZE_FRACTIONS)),
     ("presence", r"^Is there a", 2),
 )
@@ -234,8 +250,23 @@ def _styled(rng: random.Random, question: str, short: str, long: str, short_frac
     return question, long
 
 
+def _draw_askers(rng: random.Random, rounds: int) -> list[Callable[[Scene, random.Random], tuple[str, str, str]]]:
+    """`rounds` different kinds of image question, drawn by `IMAGE_QUESTION_WEIGHTS`."""
+    left = list(zip(IMAGE_QUESTIONS, IMAGE_QUESTION_WEIGHTS))
+    askers = []
+    for _ in range(rounds):
+        index = rng.choices(range(len(left)), weights=[weight for _, weight in left])[0]
+        askers.append(left.pop(index)[0])
+    return askers
+
+
+def draw_image_question(scene: Scene, rng: random.Random) -> tuple[str, str, str]:
+    """One question about `scene`, drawn by `IMAGE_QUESTION_WEIGHTS`: (question, short answer, long answer)."""
+    return _draw_askers(rng, 1)[0](scene, rng)
+
+
 def _image_turns(scene: Scene, rng: random.Random, rounds: int, short_fraction: float) -> list[Turn]:
-    askers = rng.sample(IMAGE_QUESTIONS, rounds)
+    askers = _draw_askers(rng, rounds)
     asked = [asker(scene, rng) for asker in askers]
     return [_styled(rng, question, short, long, short_fraction) for question, short, long in asked]
 

@@ -21,7 +21,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from bunny.tiny.tokenizer import build_tiny_tokenizer
+from bunny.tiny.tokenizer import LLM_LEARNED_VOCAB_SIZE, WHOLE_WORDS, build_tiny_tokenizer
 
 try:  # transformers >= 5 splits the PIL backend out; it saves as "SiglipImageProcessor" either way
     from transformers import SiglipImageProcessorPil as _SiglipImageProcessor
@@ -101,13 +101,13 @@ def _no_progress_bars() -> Iterator[None]:
 
 
 def save_tiny_llm(folder: Path, seed: int, pretrain_steps: int = 0) -> None:
-    """Save a tiny Phi-3 causal LM and its tokenizer (with BOS) in `folder`.
+    """Save a tiny Phi-3 causal LM and its tokenizer (with BOS; the data's answer words whole) in `folder`.
 
     Randomly initialised (its `lm_head` at `LM_HEAD_INIT_STD`, see there, the rest at Phi-3's
     defaults), then, with `pretrain_steps`, pre-trained on text about patch grids
     (`bunny.tiny.pretraining`).
     """
-    tokenizer = build_tiny_tokenizer(add_bos=True)
+    tokenizer = build_tiny_tokenizer(add_bos=True, whole_words=WHOLE_WORDS, learned_vocab_size=LLM_LEARNED_VOCAB_SIZE)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Phi3ForCausalLM(tiny_phi3_config(tokenizer))

@@ -6,9 +6,11 @@ them. Random tiny stand-ins know nothing, so in a CPU demo's few dozen steps the
 a constant answer. Here, once per asset build and seeded:
 
 * the tower's patch embedding is set by hand to carry each patch's mean colour and its four
-  quadrants' mean colours, and its (one running) encoder layer starts as the identity: the
-  features say what colour is where, as a pretrained tower's would;
-* the LLM is pre-trained for a few seconds on text only (``pretrain_tiny_llm``): a scene
+  quadrants' mean colours, its position embedding a one-hot of the patch, and its (one
+  running) encoder layer starts as the identity: the features say what colour is where, as a
+  pretrained tower's would;
+* the LLM is pre-trained for about a minute on text only (``pretrain_tiny_llm``, a fresh batch
+  of random scenes every step): a scene
   written as a 4x4 grid of "patch codes" (one token per patch, as the tower gives one feature
   per patch: the patch's colour, and whether the shape fills it or only part of it), then a
   caption or a question and answer about it in a plain ``Q: ... A: ...`` form. The LLM thus
@@ -30,24 +32,26 @@ from PIL import Image
 from bunny.data.images import expand_to_square
 from bunny.tiny.data import (
     COLORS,
-    IMAGE_QUESTIONS,
+    SHAPE_COLORS,
     SHORT_ANSWER_PROMPT,
     Scene,
     caption,
     draw_scene,
+    draw_image_question,
     sample_scene,
 )
 from bunny.tiny.models import TINY_IMAGE_SIZE, TINY_PATCH_SIZE
 
 GRID = TINY_IMAGE_SIZE // TINY_PATCH_SIZE  # patches per side
 PAD_RGB = (127, 127, 127)  # the `pad` canvas: the SigLIP processor's mean 0.5, as bunny.data pads
-PALETTE: dict[str, tuple[int, int, int]] = {**COLORS, "pad": PAD_RGB}
+PALETTE: dict[str, tuple[int, int, int]] = COLORS  # the pad canvas reads as "grey", as it looks
 PARTIAL_SHARE = 0.2  # a patch whose pixels are at least this share shape counts as showing the shape
 FULL_SHARE = 0.8  # ... and at least this share as filled by it
 # One token per code; byte-fallback tokens of non-ASCII lead bytes, which no text of the data uses.
-CODE_NAMES: tuple[str, ...] = (*PALETTE, *(f"{name}-part" for name in COLORS))
+CODE_NAMES: tuple[str, ...] = (*PALETTE, *(f"{name}-part" for name in SHAPE_COLORS))
 CODE_TOKENS: dict[str, str] = {name: f"<0x{0xC0 + index:02X}>" for index, name in enumerate(CODE_NAMES)}
 
+POSITION_SCALE = 2.0  # the position one-hot's height: the colour channels span [-2, 2]
 LLM_PRETRAIN_STEPS = 300
 LLM_PRETRAIN_BATCH = 32
 LLM_PRETRAIN_LR = 3e-3
@@ -80,9 +84,9 @@ def patch_codes(scene: Scene, pad: bool, size: int) -> list[str]:
 def _texts(scene: Scene, rng: random.Random) -> str:
     """A caption right after the patches (as the `plain` template puts it after the image), or
     a question and its answer on the next line, in a plain `Q: ... A: ...` form."""
-    if rng.random() < 0.3:
+    if rng.random() < 0.2:
         return caption(scene)
-    question, short, long = rng.choice(IMAGE_QUESTIONS)(scene, rng)
+    question, short, long = draw_image_question(scene, rng)
     if rng.random() < 0.6:
         question, answer = f"{question} {SHORT_ANSWER_PROMPT}", short
     else:
@@ -90,9 +94,8 @@ def _texts(scene: Scene, rng: random.Random) -> str:
     return f"\nQ: {question} A: {answer}"
 
 
-def llm_corpus(seed: int, n: int, size: int) -> list[tuple[list[str], str]]:
+def llm_corpus(rng: random.Random, n: int, size: int) -> list[tuple[list[str], str]]:
     """`n` (patch codes, text) pairs about fresh random scenes."""
-    rng = random.Random(f"{seed}/llm-pretrain")
     corpus = []
     for _ in range(n):
         scene = sample_scene(rng)
@@ -110,10 +113,10 @@ def _encode(tokenizer, codes: list[str], text: str) -> tuple[list[int], list[int
 
 
 def pretrain_tiny_llm(model, tokenizer, seed: int, size: int, steps: int = LLM_PRETRAIN_STEPS) -> dict[str, float]:
-    """Train every weight of `model` (a tiny causal LM) on `llm_corpus`; returns first/last loss and seconds."""
+    """Train every weight of `model` (a tiny causal LM) on `llm_corpus`, a fresh batch of
+    scenes every step (nothing to memorise); returns first/last loss and seconds."""
     started = time.perf_counter()
-    corpus = [_encode(tokenizer, codes, text) for codes, text in llm_corpus(seed, steps * LLM_PRETRAIN_BATCH // 4, size)]
-    generator = torch.Generator().manual_seed(seed)
+    rng = random.Random(f"{seed}/llm-pretrain")
     optimizer = torch.optim.AdamW(model.parameters(), lr=LLM_PRETRAIN_LR, weight_decay=0.0)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -122,7 +125,7 @@ def pretrain_tiny_llm(model, tokenizer, seed: int, size: int, steps: int = LLM_P
     model.train()
     losses = []
     for _ in range(steps):
-        batch = [corpus[i] for i in torch.randint(len(corpus), (LLM_PRETRAIN_BATCH,), generator=generator).tolist()]
+        batch = [_encode(tokenizer, codes, text) for codes, text in llm_corpus(rng, LLM_PRETRAIN_BATCH, size)]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([row + [pad] * (width - len(row)) for row, _ in batch])
         labels = torch.tensor([row + [-100] * (width - len(row)) for _, row in batch])
@@ -142,7 +145,9 @@ def pretrain_tiny_llm(model, tokenizer, seed: int, size: int, steps: int = LLM_P
 @torch.no_grad()
 def set_patch_features(tower) -> None:
     """Make a SiglipVisionModel's features (after its first encoder layer) each patch's mean
-    colour and its quadrants' mean colours (15 channels, the rest zero)."""
+    colour and its quadrants' mean colours (channels 0-14), plus a one-hot of the patch's
+    position (channels 15 to 15 + patches - 1, from the position embedding; the rest zero):
+    what colour is where, readable by a linear map, as a pretrained tower's features are."""
     embeddings = tower.embeddings
     conv = embeddings.patch_embedding
     patch = conv.kernel_size[0]
@@ -155,7 +160,12 @@ def set_patch_features(tower) -> None:
             weight[3 + 3 * quadrant + channel, channel, top:top + half, left:left + half] = 2.0 / half**2
     conv.weight.copy_(weight)
     conv.bias.zero_()
-    embeddings.position_embedding.weight.zero_()
+    positions = embeddings.position_embedding.weight  # [patches, hidden]
+    positions.zero_()
+    first = 3 + 3 * 4
+    if first + positions.shape[0] > positions.shape[1]:
+        raise ValueError(f"a tower of width {positions.shape[1]} has no room for {positions.shape[0]} position channels")
+    positions[:, first:first + positions.shape[0]] = torch.eye(positions.shape[0]) * POSITION_SCALE
     for layer in tower.encoder.layers:  # each layer adds nothing to its input
         layer.self_attn.out_proj.weight.zero_()
         layer.self_attn.out_proj.bias.zero_()

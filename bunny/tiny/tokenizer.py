@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -23,6 +23,16 @@ EOS = "<|endoftext|>"  # Phi-3's eos and pad
 CHAT_TOKENS = ("<|assistant|>", "<|system|>", "<|end|>", "<|user|>")
 BYTE_TOKENS = tuple(f"<0x{byte:02X}>" for byte in range(256))
 LEARNED_VOCAB_SIZE = 320  # characters + merges; about 580 ids in all with bytes and specials
+LLM_LEARNED_VOCAB_SIZE = 290  # the tiny LLM's: with WHOLE_WORDS, 595 ids in all
+# The tiny data's answer words, one piece each in the tiny LLM's tokenizer (`save_tiny_llm`), as
+# in a real LLM's vocabulary: learned from the corpus alone, "Red" comes out as "▁ R ed" and
+# "Blue" / "Black" share two pieces, so every colour answer began with the same "▁" and greedy
+# decoding had to get three tokens right to name a colour. The bare `build_tiny_tokenizer()`
+# keeps the corpus-only pieces, whose awkward splits the masking tests rely on.
+WHOLE_WORDS = (
+    "Red", "Green", "Blue", "Yellow", "Purple", "Orange", "White", "Black", "Grey", "Small", "Large",
+    "red", "green", "blue", "yellow", "orange", "grey", "large",
+)
 MODEL_MAX_LENGTH = 2048
 
 PHI3_SYSTEM_PROMPT = (
@@ -73,31 +83,53 @@ def _builtin_corpus() -> Iterator[str]:
     yield "Yes, no. Yes! No? (one, two; three: four) - 'five' / six & seven * eight # nine."
 
 
-def _train_pieces(corpus: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:
+def _train_pieces(corpus: Iterable[str], vocab_size: int, whole_words: Sequence[str] = ()
+                  ) -> tuple[list[str], list[tuple[str, str]]]:
     """Learn BPE pieces (in id order) and merges with the Metaspace pre-tokenizer."""
     scratch = Tokenizer(models.BPE(unk_token=UNK))
     scratch.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    trainer = trainers.BpeTrainer(vocab_size=LEARNED_VOCAB_SIZE, show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False)
     scratch.train_from_iterator(corpus, trainer=trainer)
     model = json.loads(scratch.to_str())["model"]
     pieces = [piece for piece, _ in sorted(model["vocab"].items(), key=lambda item: item[1])]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    _add_whole_words(scratch, whole_words, pieces, merges)
     return pieces, merges  # type: ignore[return-value]
+
+
+def _add_whole_words(scratch: Tokenizer, whole_words: Sequence[str], pieces: list[str],
+                     merges: list[tuple[str, str]]) -> None:
+    """Append the merges that make each of `whole_words` (after a space) one piece: the word's
+    pieces under the learned merges, joined left to right. Appended last, they apply only
+    after every learned merge, so other words encode as before or with fewer pieces."""
+    for word in whole_words:
+        parts = scratch.encode(word).tokens  # "▁" + word: the Metaspace prefix of a first word
+        joined = parts[0]
+        for part in parts[1:]:
+            if (joined, part) not in merges:
+                merges.append((joined, part))
+            joined += part
+            if joined not in pieces:
+                pieces.append(joined)
 
 
 def build_tiny_tokenizer(
     add_bos: bool = True,
     corpus: Iterable[str] | None = None,
     model_max_length: int = MODEL_MAX_LENGTH,
+    whole_words: Sequence[str] = (),
+    learned_vocab_size: int = LEARNED_VOCAB_SIZE,
 ) -> PreTrainedTokenizerFast:
     """Train and wrap the tiny tokenizer.
 
     `add_bos=True` prepends `<s>` to every encoded text, like newer Phi-3 tokenizers; False
     encodes text alone. `corpus` is extra training text, added after the built-in corpus.
+    `whole_words` (e.g. `WHOLE_WORDS`) become one piece each after a space; `learned_vocab_size`
+    is how many characters and merges BPE learns from the corpus before them.
     The result round-trips through `save_pretrained` / `AutoTokenizer.from_pretrained`.
     """
     text = itertools.chain(_builtin_corpus(), corpus if corpus is not None else ())
-    pieces, merges = _train_pieces(text)
+    pieces, merges = _train_pieces(text, learned_vocab_size, whole_words)
     vocab: dict[str, int] = {}
     for token in (UNK, BOS, LLAMA_EOS, *BYTE_TOKENS, *pieces):
         vocab.setdefault(token, len(vocab))
