@@ -16,6 +16,7 @@ from transformers import (
     Phi3Config,
     Phi3ForCausalLM,
     PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
@@ -147,7 +148,7 @@ LLAMA3_SPECIALS = {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "extra"
 QWEN2_SPECIALS = {"bos": None, "eos": "<|endoftext|>", "extra": ("<|im_start|>", "<|im_end|>")}
 
 
-def build_tiny_byte_level_tokenizer(family: str) -> "PreTrainedTokenizerFast":
+def build_tiny_byte_level_tokenizer(family: str) -> PreTrainedTokenizerFast:
     """A GPT-2-style byte-level BPE tokenizer with Llama-3's (``"llama3"``: BOS
     ``<|begin_of_text|>`` prepended, EOS ``<|end_of_text|>``, no pad) or Qwen2's (``"qwen2"``:
     no BOS, ``<|endoftext|>`` as EOS and pad) special tokens, trained on the tiny corpus."""
