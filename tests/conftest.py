@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -142,3 +143,28 @@ def nested_tensors(tree, prefix: str = "") -> dict:
         return {prefix: tree}
     items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
     return {path: t for key, value in items for path, t in nested_tensors(value, f"{prefix}/{key}").items()}
+
+
+def fill_the_disk_after(monkeypatch, room: int) -> None:
+    """A disk that fills up: writes (``os.pwrite``, how ``bunny.fsutil.DirectFile`` writes
+    shards) fail with ENOSPC once ``room`` bytes are written, and closing a file written to
+    fails too, as the kernel reports a full disk twice."""
+    real_pwrite, real_close, written_to = os.pwrite, os.close, set()
+
+    def pwrite(fd, data, offset):
+        nonlocal room
+        written_to.add(fd)
+        size = memoryview(data).nbytes
+        if size > room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(write)")
+        room -= size
+        return real_pwrite(fd, data, offset)
+
+    def close(fd):
+        real_close(fd)
+        if fd in written_to:  # its number may be reused once closed
+            written_to.discard(fd)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(close)")
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "close", close)

@@ -31,6 +31,7 @@ from bunny.average import (
     read_checkpoint,
 )
 from bunny.fsutil import atomic_output_dir, write_json_atomic
+from conftest import fill_the_disk_after
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -430,35 +431,11 @@ def test_free_space_check_counts_every_file_in_human_units(
     average_checkpoints([first, second], tmp_path / "avg")
 
 
-def fill_the_disk_after(monkeypatch: pytest.MonkeyPatch, room: int = 600) -> None:
-    """Writes (``os.pwrite``: the shards' ``DirectFile``) fail once ``room`` bytes are written,
-    and closing a file written to fails too, as on a full disk."""
-    real_pwrite, real_close, written_to = os.pwrite, os.close, set()
-
-    def pwrite(fd, data, offset):
-        nonlocal room
-        written_to.add(fd)
-        size = memoryview(data).nbytes
-        if size > room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(write)")
-        room -= size
-        return real_pwrite(fd, data, offset)
-
-    def close(fd):
-        real_close(fd)
-        if fd in written_to:  # its number may be reused once closed
-            written_to.discard(fd)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(close)")
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
-    monkeypatch.setattr(os, "close", close)
-
-
 def test_disk_full_mid_write_is_one_clear_error(
     tmp_path: Path, two_models, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     first, second, _ = two_models
-    fill_the_disk_after(monkeypatch)
+    fill_the_disk_after(monkeypatch, room=600)
     monkeypatch.delenv("BUNNY_DEBUG", raising=False)
     with pytest.raises(AverageError) as caught:
         average_checkpoints([first, second], tmp_path / "avg", chunk_elements=64)

@@ -35,7 +35,7 @@ from bunny.merge import MergeError, main, merge_lora
 from bunny.model.builder import build_bunny_model
 from bunny.train.saving import save_lora
 from bunny.train.train import lora_target_regex
-from conftest import REPO, run_deepspeed
+from conftest import REPO, fill_the_disk_after, run_deepspeed
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # PEFT on transformers 5
 TOLERANCE = 1e-4
@@ -551,7 +551,7 @@ def test_direct_file_writes_exactly_the_bytes_given(tmp_path, monkeypatch, refus
 
 
 def test_direct_file_raises_the_disk_s_first_error(tmp_path, monkeypatch):
-    _fill_the_disk_after(monkeypatch, room=8192)
+    fill_the_disk_after(monkeypatch, room=8192)
     output = DirectFile(tmp_path / "out.bin", buffer_bytes=8192, buffers=2)
     with pytest.raises(OSError, match=r"\(write\)"):
         for _ in range(8):  # the writer thread fails on the second buffer; a later write or close says so
@@ -565,32 +565,8 @@ def test_sizes_read_in_human_units():
         "0 B", "812 B", "18.6 KB", "512.0 MB", "7.64 GB", "150.30 GB"]
 
 
-def _fill_the_disk_after(monkeypatch, room: int) -> None:
-    """Writes (``os.pwrite``: the shards' ``DirectFile``) fail once ``room`` bytes are written,
-    and closing a file written to fails too: the error a full disk gives twice."""
-    real_pwrite, real_close, written_to = os.pwrite, os.close, set()
-
-    def pwrite(fd, data, offset):
-        nonlocal room
-        written_to.add(fd)
-        size = memoryview(data).nbytes
-        if size > room:
-            raise OSError(errno.ENOSPC, "No space left on device (write)")
-        room -= size
-        return real_pwrite(fd, data, offset)
-
-    def close(fd):
-        real_close(fd)
-        if fd in written_to:  # its number may be reused once closed
-            written_to.discard(fd)
-            raise OSError(errno.ENOSPC, "No space left on device (close)")
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
-    monkeypatch.setattr(os, "close", close)
-
-
 def test_a_full_disk_mid_write_is_one_clear_error(frozen_run, tiny_assets, tmp_path, monkeypatch):
-    _fill_the_disk_after(monkeypatch, room=50_000)
+    fill_the_disk_after(monkeypatch, room=50_000)
     out = tmp_path / "merged"
     with pytest.raises(MergeError, match=rf"disk full while writing --save-model-path {out}: it needs .* KB \(weights") as caught:
         merge_lora(frozen_run.folder, tiny_assets.llm, out)
