@@ -108,6 +108,24 @@ def targeted_linears(config: dict, skeleton: nn.Module, where: Path) -> tuple[di
     return linears, others
 
 
+def check_saved_adapter(
+    saved: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], r: int, weights_file: Path, config_file: Path
+) -> None:
+    """``saved`` holds exactly the ``expected`` tensors (key -> shape), or a MergeError names
+    the keys that fit no LoRA layer, the missing ones and the wrong shapes."""
+    unexpected = [key for key in saved if key not in expected]
+    missing = [key for key in expected if key not in saved]
+    wrong_shape = [
+        f"{key}: file {tuple(value.shape)} vs adapter config {tuple(expected[key])}"
+        for key, value in saved.items()
+        if key in expected and tuple(value.shape) != tuple(expected[key])
+    ]
+    problems = key_problems(("keys that fit no LoRA layer of the model:", unexpected), ("missing keys:", missing),
+                            (f"shapes that do not fit (r={r}):", wrong_shape))
+    if problems:
+        raise MergeError(f"{weights_file} does not fit the model and {config_file}: " + problems)
+
+
 def check_adapter_tensors(
     config: dict, linears: dict[str, nn.Linear], adapter: dict[str, torch.Tensor], weights_file: Path
 ) -> dict[str, LoraLayer]:
@@ -118,18 +136,7 @@ def check_adapter_tensors(
     for name, linear in linears.items():
         expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (r, linear.in_features)
         expected[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (linear.out_features, r)
-    unexpected = [key for key in adapter if key not in expected]
-    missing = [key for key in expected if key not in adapter]
-    wrong_shape = [
-        f"{key}: file {tuple(value.shape)} vs adapter config {expected[key]}"
-        for key, value in adapter.items()
-        if key in expected and tuple(value.shape) != expected[key]
-    ]
-    problems = key_problems(("keys that fit no LoRA layer of the model:", unexpected), ("missing keys:", missing),
-                            (f"shapes that do not fit (r={r}):", wrong_shape))
-    if problems:
-        raise MergeError(f"{weights_file} does not fit the model and {weights_file.with_name('adapter_config.json')}: "
-                         + problems)
+    check_saved_adapter(adapter, expected, r, weights_file, weights_file.with_name("adapter_config.json"))
     scale = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
     return {
         name: LoraLayer(adapter[f"{PEFT_PREFIX}{name}.lora_A.weight"], adapter[f"{PEFT_PREFIX}{name}.lora_B.weight"], scale)

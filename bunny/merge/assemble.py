@@ -28,8 +28,10 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from bunny.merge.adapter import (
+    PEFT_PREFIX,
     LoraLayer,
     check_adapter_tensors,
+    check_saved_adapter,
     key_problems,
     list_keys,
     peft_only_reason,
@@ -37,12 +39,10 @@ from bunny.merge.adapter import (
     targeted_linears,
 )
 from bunny.merge.inputs import LoraRun, MergeError
-from bunny.merge.stream import all_finite
+from bunny.merge.stream import TOWER_PREFIX, all_finite
 from bunny.model.projector import build_projector
 from bunny.model.vision_tower import VisionTower, tower_classes, upgrade_tower_key
 
-PEFT_PREFIX = "base_model.model."
-TOWER_PREFIX = "model.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
 _ADAPTER_NAME = re.compile(r"\.default(?=\.|$)")
 
@@ -151,22 +151,13 @@ def check_adapter_with_peft(run: LoraRun, skeleton: nn.Module) -> dict[str, torc
             f"{run.adapter_config}: target_modules {lora_config.target_modules!r} do not fit the model: {exc}"
         ) from exc
     expected = {
-        _ADAPTER_NAME.sub("", key): value.shape for key, value in skeleton.state_dict().items() if "lora_" in key
+        PEFT_PREFIX + _ADAPTER_NAME.sub("", key): tuple(value.shape)
+        for key, value in skeleton.state_dict().items() if "lora_" in key
     }
-    saved = load_adapter(run)
-    found = {key.removeprefix(PEFT_PREFIX): value for key, value in saved.items()}
-    unexpected = [PEFT_PREFIX + key for key in found if key not in expected]
-    missing = [PEFT_PREFIX + key for key in expected if key not in found]
-    wrong_shape = [
-        f"{PEFT_PREFIX}{key}: file {tuple(value.shape)} vs adapter config {tuple(expected[key])}"
-        for key, value in found.items()
-        if key in expected and value.shape != expected[key]
-    ]
-    problems = key_problems(("keys that fit no LoRA layer of the model:", unexpected), ("missing keys:", missing),
-                            (f"shapes that do not fit (r={lora_config.r}):", wrong_shape))
-    if problems:
-        raise MergeError(f"{run.adapter_weights} does not fit the model and {run.adapter_config}: " + problems)
-    return {PEFT_PREFIX + key: value for key, value in found.items()}
+    # Keys as PEFT saves them, whether or not the file carries the prefix.
+    saved = {PEFT_PREFIX + key.removeprefix(PEFT_PREFIX): value for key, value in load_adapter(run).items()}
+    check_saved_adapter(saved, expected, lora_config.r, run.adapter_weights, run.adapter_config)
+    return saved
 
 
 def check_weights(run: LoraRun, through_peft: bool = False) -> CheckedWeights:

@@ -8,8 +8,9 @@ mmap that would stay resident); a LoRA target becomes ``W + scale * B @ A`` (``W
 output dtype, as PEFT's merge of a model loaded in it sees it), computed in float32 a block
 of rows at a time and rounded once to the output dtype; and each tensor goes straight into
 an output shard whose header was computed from the plan (``bunny.merge.shards``), then is
-freed. Peak memory is the adapter, the non-LoRA trainables and about one copy of the largest
-tensor, whatever the size of the model.
+freed. Peak memory is the adapter, the non-LoRA trainables and a few of the largest tensors
+(one per worker computing them, ``bunny.merge.shards.write_safetensors``), whatever the size
+of the model.
 """
 
 from __future__ import annotations
